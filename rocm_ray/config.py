@@ -1,0 +1,383 @@
+"""Recipes: YAML files parsed into typed, airtight configs.
+
+Every key a recipe may hold is a field below; an unknown key, a wrong type, an out-of-range value or a
+missing file is a :class:`RecipeError` that names the recipe file, the key path and what is allowed.
+``key=value`` overrides (``algorithm.beta=0.1``, ``reward.models.0.weight=2``) go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DIVERGENCE_NAMES = ("kl", "reverse_kl", "js", "hellinger", "chi2", "tv", "fisher", "w2", "none")
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override) is invalid. The message says where and what is allowed."""
+
+    def __init__(self, source: str, key: str, message: str):
+        self.source, self.key, self.detail = source, key, message
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {message}")
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str = "", ge: float | None = None, gt: float | None = None,
+       le: float | None = None, factory: Any = None) -> Any:
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f("embedded:tiny/lcm", help="diffusers LCM pipeline: local folder, HF id, or embedded:...")
+    revision: str | None = _f(None, help="HF revision")
+    cache_dir: str | None = _f(None, help="Hugging Face cache folder")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", help="weights dtype of the frozen parts")
+    lora_rank: int = _f(8, ge=0, help="LoRA rank; 0 = full fine-tuning of the UNet")
+    lora_alpha: float = _f(8.0, gt=0, help="LoRA alpha")
+    lora_targets: list[str] = _f(factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], help="LoRA target modules")
+
+
+@dataclass
+class RewardModelConfig:
+    name: str = _f(help="scorer name (rocm_ray.rewards registry)")
+    weight: float = _f(1.0, help="weight in the mixture")
+    path: str | None = _f(None, help="weights: local path, HF id or embedded:...")
+    head_path: str | None = _f(None, help="second file some scorers need (aesthetic head)")
+    tokenizer_path: str | None = _f(None, help="tokenizer folder some scorers need (ImageReward)")
+
+
+@dataclass
+class RewardConfig:
+    models: list[RewardModelConfig] = _f(factory=list, help="the reward models, summed with their weights")
+    scale: float = _f(1.0, gt=0, help="multiplies the reward in the loss")
+
+
+@dataclass
+class AlgorithmConfig:
+    regularizer: Literal["kl", "reverse_kl", "js", "hellinger", "chi2", "tv", "fisher", "w2", "none"] = _f(
+        "kl", help="divergence between policy and reference step kernels")
+    beta: float = _f(0.01, ge=0, help="regularizer coefficient")
+    reduction: Literal["mean", "sum"] = _f("mean", help="per-dimension mean or exact full-Gaussian sum")
+    terminal: Literal["auto", "none"] = _f("auto", help="regularize the last (noise-free) step or not")
+    num_inference_steps: int = _f(4, ge=1, le=50, help="consistency sampling steps N")
+    guidance_scale: float = _f(8.0, ge=1.0, help="LCM guidance scale w (through the guidance embedding)")
+    truncate_steps: int | None = _f(None, ge=1, help="backprop through the last K steps only (None = all)")
+    gradient_checkpointing: bool = _f(False, help="checkpoint every UNet call")
+
+
+@dataclass
+class DataConfig:
+    prompts: list[str] = _f(factory=list, help="training prompts (cycled)")
+    prompts_file: str | None = _f(None, help="text file, one prompt a line (added to prompts)")
+    eval_prompts: list[str] = _f(factory=list, help="fixed prompts for the before/after grid and eval")
+    eval_seeds: int = _f(4, ge=1, help="seeds per eval prompt")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(100, ge=1, help="optimizer steps")
+    batch_size: int = _f(8, ge=1, help="global images per step (split over workers)")
+    lr: float = _f(1e-4, gt=0, help="AdamW learning rate")
+    weight_decay: float = _f(0.0, ge=0, help="AdamW weight decay")
+    adam_betas: list[float] = _f(factory=lambda: [0.9, 0.999], help="AdamW betas")
+    max_grad_norm: float = _f(1.0, ge=0, help="gradient clipping (0 = off)")
+    seed: int = _f(0, ge=0, help="seed of prompts, noise and initialization")
+    num_workers: int = _f(0, ge=0, help="0 = in-process; >= 1 = Ray Train workers")
+    use_gpu: bool = _f(False, help="Ray Train workers on GPUs")
+    zero_stage: int = _f(0, ge=0, le=3, help="DeepSpeed ZeRO stage of the Ray Train workers")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", help="autocast dtype on GPU")
+    checkpoint_every: int = _f(0, ge=0, help="steps between checkpoints (0 = only at the end)")
+    max_failures: int = _f(0, ge=-1, help="Ray Train FailureConfig.max_failures")
+    output_dir: str = _f("outputs/{name}", help="where the run writes ({name} = recipe name)")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = _f(None, help="Ray address (else $RAY_ADDRESS, else a local Ray)")
+    reward_replicas: int = _f(1, ge=1, help="RewardService replicas")
+    reward_num_gpus: float = _f(0.0, ge=0, help="GPUs per reward replica (fractions allowed)")
+    reward_num_cpus: float = _f(1.0, ge=0, help="CPUs per reward replica")
+    reward_resources: dict[str, float] = _f(factory=dict, help="custom resources per replica, e.g. {reward: 1}")
+    worker_resources: dict[str, float] = _f(factory=dict, help="custom resources per train worker")
+    cpus_per_worker: float = _f(1.0, ge=0, help="CPUs per Ray Train worker")
+    max_restarts: int = _f(3, ge=-1, help="RewardService actor restarts")
+    max_task_retries: int = _f(3, ge=-1, help="RewardService call retries")
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = _f(1, ge=1, help="trials (times the grid)")
+    metric: str = _f("reward", help="metric to optimize")
+    mode: Literal["max", "min"] = _f("max", help="optimize direction")
+    scheduler: Literal["fifo", "asha", "pbt"] = _f("asha", help="trial scheduler")
+    search_space: dict[str, Any] = _f(factory=dict, help="dotted key -> list (grid) or {uniform|loguniform: [a,b]}")
+    max_concurrent_trials: int = _f(1, ge=1, help="trials running at once")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = _f(1, ge=1, help="steps between progress lines")
+    sample_every: int = _f(0, ge=0, help="steps between sample log rows (0 = start and end only)")
+    wandb: bool = _f(False, help="log to Weights & Biases")
+    wandb_project: str = _f("rocm_ray", help="W&B project")
+    tensorboard: bool = _f(False, help="write TensorBoard events")
+
+
+@dataclass
+class Recipe:
+    name: str = _f("run", help="run name")
+    model: ModelConfig = _f(factory=ModelConfig)
+    reward: RewardConfig = _f(factory=RewardConfig)
+    algorithm: AlgorithmConfig = _f(factory=AlgorithmConfig)
+    data: DataConfig = _f(factory=DataConfig)
+    train: TrainConfig = _f(factory=TrainConfig)
+    ray: RayConfig = _f(factory=RayConfig)
+    tune: TuneConfig = _f(factory=TuneConfig)
+    logging: LoggingConfig = _f(factory=LoggingConfig)
+    source: str = field(default="<memory>", metadata={"internal": True})
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.train.output_dir.replace("{name}", self.name))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in _fields(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _fields(cls: Any) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+
+def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    err = RecipeError(source, key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, source, key)
+            except RecipeError:
+                pass
+        raise err
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise err
+    if origin is list:
+        if not isinstance(value, list):
+            raise err
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, source, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise err
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(v, vt, source, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise err
+        return _build(tp, value, source, key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise err
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise err
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise err
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise err
+    raise err  # pragma: no cover
+
+
+def _check_range(f: dataclasses.Field, value: Any, source: str, key: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    m = f.metadata
+    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                            ("le", lambda v, b: v <= b, "<=")):
+        if m.get(bound) is not None and not ok(value, m[bound]):
+            raise RecipeError(source, key, f"must be {word} {m[bound]}, got {value!r} ({m.get('help', '')})")
+
+
+def _build(cls: Any, data: dict, source: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in _fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise RecipeError(source, key, "unknown key; allowed keys here: " + ", ".join(fields))
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            value = _convert(data[name], hints[name], source, key)
+            _check_range(f, value, source, key)
+            kwargs[name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(source, key, f"missing required key ({f.metadata.get('help', '')})")
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, p in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise RecipeError(source, where, f"list index out of range (the list has {len(node)} items)")
+            node = node[int(p)]
+        else:
+            node = node.setdefault(p, {})
+        if not isinstance(node, (dict, list)):
+            raise RecipeError(source, where, f"is not a section, cannot set {dotted}")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(source, dotted, f"list index out of range (the list has {len(node)} items)")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str], source: str = "command line") -> list[tuple[str, Any]]:
+    """``["algorithm.beta=0.1", ...]`` -> ``[("algorithm.beta", 0.1), ...]`` (values parsed as YAML)."""
+    out = []
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise RecipeError(source, o, "an override must look like key.path=value, e.g. algorithm.beta=0.1")
+        k, v = o.split("=", 1)
+        try:
+            out.append((k.strip(), yaml.safe_load(v) if v != "" else "")) 
+        except yaml.YAMLError as e:
+            raise RecipeError(source, k, f"cannot parse value {v!r}: {e}") from None
+    return out
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Recipe:
+    """Build a checked :class:`Recipe` from a mapping plus ``key=value`` overrides."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(source, "", "a recipe must be a YAML mapping of sections (model:, reward:, ...)")
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value, source)
+    recipe = _build(Recipe, data, source, "")
+    recipe.source = source
+    _validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load ``path`` (YAML) with ``key=value`` overrides into a checked :class:`Recipe`."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(str(path), "", "recipe file not found (recipes live in recipes/*.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(str(path), "", f"not valid YAML: {e}") from None
+    return recipe_from_dict(data, str(path), overrides)
+
+
+def _validate(r: Recipe) -> None:
+    """Cross-field checks the types cannot express."""
+    src = r.source
+    if r.data.prompts_file is not None:
+        pf = Path(r.data.prompts_file)
+        if not pf.is_absolute() and not pf.exists() and r.source not in ("<dict>", "<memory>"):
+            pf = Path(r.source).parent / pf
+        if not pf.is_file():
+            raise RecipeError(src, "data.prompts_file", f"file not found: {r.data.prompts_file}")
+    if not r.data.prompts and r.data.prompts_file is None:
+        raise RecipeError(src, "data.prompts", "no training prompts: give data.prompts or data.prompts_file")
+    if not r.reward.models:
+        raise RecipeError(src, "reward.models", "no reward model: add at least one (name, weight, path)")
+    if r.algorithm.truncate_steps is not None and r.algorithm.truncate_steps > r.algorithm.num_inference_steps:
+        raise RecipeError(src, "algorithm.truncate_steps",
+                          f"must be <= algorithm.num_inference_steps ({r.algorithm.num_inference_steps})")
+    if len(r.train.adam_betas) != 2 or not all(0 <= b < 1 for b in r.train.adam_betas):
+        raise RecipeError(src, "train.adam_betas", f"expected two numbers in [0, 1), got {r.train.adam_betas}")
+    workers = max(r.train.num_workers, 1)
+    if r.train.batch_size % workers:
+        raise RecipeError(src, "train.batch_size",
+                          f"must be divisible by train.num_workers ({r.train.num_workers}), got {r.train.batch_size}")
+    if r.train.zero_stage and r.train.num_workers == 0:
+        raise RecipeError(src, "train.zero_stage", "DeepSpeed ZeRO needs Ray Train workers: set train.num_workers >= 1")
+    for i, m in enumerate(r.reward.models):
+        from rocm_ray.rewards import registered_scorers  # lazy: rewards import torch/transformers
+
+        names = registered_scorers()
+        if m.name not in names:
+            raise RecipeError(src, f"reward.models.{i}.name", f"unknown reward {m.name!r}; one of: {', '.join(names)}")
+
+
+def prompts_of(recipe: Recipe) -> list[str]:
+    """The training prompts: ``data.prompts`` then the lines of ``data.prompts_file``."""
+    prompts = list(recipe.data.prompts)
+    if recipe.data.prompts_file:
+        pf = Path(recipe.data.prompts_file)
+        if not pf.is_absolute() and not pf.exists():
+            pf = Path(recipe.source).parent / pf
+        prompts += [ln.strip() for ln in pf.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return prompts
+
+
+def describe(cls: Any = Recipe, prefix: str = "") -> list[str]:
+    """Lines ``key  type  default  help`` for every recipe key (``rocm-ray keys``)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in _fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        lines.append(f"{key:36s} {_type_name(tp):40s} {default!r:24s} {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,109 @@
+"""One ROCM step, shared by the in-process trainer and the Ray Train workers.
+
+The reward arrives as a function ``reward_fn(images, prompts) -> (r [B], dr/dimages [B,3,H,W], parts)``:
+a local scorer (in-process) or a remote RewardService (Ray). Everything else is identical, which is
+what makes the two paths give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rocm_ray.loss import RocmLoss, rocm_loss, step_divergences
+from rocm_ray.models.policy import Policy
+from rocm_ray.sampling import EpsFn, draw_noise, encode_prompts, latent_shape, sample_trajectory
+
+RewardFn = Callable[[Tensor, list[str]], tuple[Tensor, Tensor, dict[str, Tensor]]]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, reward or gradient became NaN/inf; raised instead of training on garbage."""
+
+
+def step_batch(prompts: Sequence[str], batch_size: int, step: int, seed: int) -> tuple[list[str], list[int]]:
+    """The global batch of step ``step``: prompts drawn from ``prompts`` and one noise seed per sample.
+
+    A pure function of (seed, step), so every worker, and every resumed run, agrees on it; a worker
+    takes its contiguous shard.
+    """
+    rng = random.Random(seed * 1_000_003 + step)
+    chosen = [prompts[rng.randrange(len(prompts))] for _ in range(batch_size)]
+    seeds = [seed * 1_000_000_007 + step * 10_007 + i for i in range(batch_size)]
+    return chosen, seeds
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    per = len(items) // world
+    return list(items[rank * per:(rank + 1) * per])
+
+
+@dataclass
+class StepResult:
+    loss: RocmLoss
+    images: Tensor  # [B, 3, H, W], detached, CPU
+    rewards: Tensor  # [B]
+    sample_divergences: Tensor  # [B, K]
+    components: dict[str, Tensor] = field(default_factory=dict)  # reward name -> [B]
+
+
+def rocm_step(
+    policy: Policy,
+    prompts: list[str],
+    seeds: list[int],
+    reward_fn: RewardFn,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    regularizer: str,
+    beta: float,
+    reduction: str = "mean",
+    terminal: str = "auto",
+    truncate_steps: int | None = None,
+    gradient_checkpointing: bool = False,
+    reward_scale: float = 1.0,
+    eps_fn: EpsFn | None = None,
+    backward: Callable[[Tensor], None] = lambda t: t.backward(),
+    autocast_dtype: torch.dtype | None = None,
+) -> StepResult:
+    """Sample a reparameterized trajectory, get (r, dr/dx) from ``reward_fn``, backpropagate the ROCM loss.
+
+    The optimizer step is the caller's (plain AdamW or a DeepSpeed engine).
+    """
+    device = next(policy.unet.parameters()).device
+    text = encode_prompts(policy.tokenizer, policy.text_encoder, prompts, device)  # [B, L, E]
+    shape = latent_shape(policy, len(prompts))  # [B, C, h, w]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    noises = draw_noise(shape, num_inference_steps, gens, device=device, dtype=text.dtype)
+    regularize = beta > 0 and regularizer != "none"
+    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else torch.autocast(device_type=device.type, enabled=False))
+    with autocast:
+        traj = sample_trajectory(
+            eps_fn or policy.eps_fn(), policy.vae, policy.scheduler, text, noises, guidance_scale,
+            policy.time_cond_proj_dim, ref_eps_fn=policy.ref_eps_fn() if regularize else None,
+            truncate_steps=truncate_steps, gradient_checkpointing=gradient_checkpointing, terminal=terminal,
+        )
+    images = traj.images.float()  # [B, 3, H, W]
+    reward, grad, parts = reward_fn(images.detach(), prompts)
+    reward, grad = reward.to(device), grad.to(device)
+    if not (torch.isfinite(reward).all() and torch.isfinite(grad).all()):
+        raise NonFiniteError(f"the reward model returned non-finite rewards or gradients: rewards={reward.tolist()}")
+    if regularize:
+        divs = step_divergences(traj.kernels, regularizer, reduction)  # [B, K]
+    else:
+        divs = torch.zeros(len(prompts), max(len(traj.kernels), 1), device=device)  # [B, K]
+    out = rocm_loss(images, reward, grad, divs, beta=beta, reward_scale=reward_scale)
+    if not math.isfinite(out.loss):
+        raise NonFiniteError(
+            f"non-finite loss {out.loss} (reward {out.reward}, divergence {out.divergence}): lower train.lr or "
+            "algorithm.beta, or use algorithm.reduction=mean")
+    backward(out.surrogate)
+    return StepResult(loss=out, images=images.detach().cpu(), rewards=reward.detach().cpu(),
+                      sample_divergences=divs.detach().cpu(),
+                      components={k: v.detach().cpu() for k, v in parts.items()})
