@@ -348,10 +348,11 @@ def _validate(r: Recipe) -> None:
                           f"must be divisible by train.num_workers ({r.train.num_workers}), got {r.train.batch_size}")
     if r.train.zero_stage and r.train.num_workers == 0:
         raise RecipeError(src, "train.zero_stage", "DeepSpeed ZeRO needs Ray Train workers: set train.num_workers >= 1")
-    for i, m in enumerate(r.reward.models):
-        from rocm_ray.rewards import registered_scorers  # lazy: rewards import torch/transformers
+    from rocm_ray.rewards import available_scorers  # lazy: imports torch
+    from rocm_ray.rewards.toy import TOY_SCORERS
 
-        names = registered_scorers()
+    names = [*available_scorers(), *TOY_SCORERS]
+    for i, m in enumerate(r.reward.models):
         if m.name not in names:
             raise RecipeError(src, f"reward.models.{i}.name", f"unknown reward {m.name!r}; one of: {', '.join(names)}")
 

@@ -33,6 +33,13 @@ def load_pipeline(pretrained: str, revision: str | None = None, cache_dir: str |
     """
     from diffusers import LatentConsistencyModelPipeline
 
+    if pretrained.startswith("random:"):  # a random-weight toy pipeline built offline (tests, tiny_debug)
+        import tempfile
+
+        from rocm_ray.models.tiny import build_random_pipeline
+
+        seed = int(pretrained.split(":", 1)[1] or 0)
+        return build_random_pipeline(tempfile.mkdtemp(prefix="rocm_ray_tok_"), seed=seed).to(device)
     path = resolve_path(pretrained)
     local = Path(path).exists()
     if pretrained.startswith("embedded:") and not local:
@@ -132,3 +139,37 @@ def make_policy(pipe, lora_rank: int = 8, lora_alpha: float = 8.0,
     unet.train()
     return Policy(unet=unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                   scheduler=pipe.scheduler, lora=lora_rank > 0, ref_unet=ref)
+
+
+def lora_state_dict(unet: torch.nn.Module) -> dict[str, Tensor]:
+    """The UNet's LoRA weights in diffusers' naming (what ``pipe.load_lora_weights`` reads)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_policy_weights(policy: Policy, out_dir: str | Path) -> Path:
+    """Write the fine-tuned weights atomically: ``lora/pytorch_lora_weights.safetensors`` or ``unet/``.
+
+    Written into a temporary folder first and renamed, so an interrupted save never leaves half a model.
+    """
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "lora" if policy.lora else "unet"
+    tmp = out / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if policy.lora:
+        from diffusers import LatentConsistencyModelPipeline
+
+        sd = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(policy.unet).items()}
+        LatentConsistencyModelPipeline.save_lora_weights(str(tmp), unet_lora_layers=sd, safe_serialization=True)
+    else:
+        policy.unet.save_pretrained(str(tmp))
+    final = out / name
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final

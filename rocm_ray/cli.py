@@ -1,0 +1,127 @@
+"""``rocm-ray``: the command line.
+
+    rocm-ray train RECIPE [key=value ...] [--resume]
+    rocm-ray keys                         every recipe key, its type, default and meaning
+    rocm-ray check RECIPE [key=value ...] validate a recipe and print it resolved
+
+Bad input (a recipe error, a missing model or reward file) prints one clear ``error:`` line and exits
+with code 2; a run that diverges (NaN/inf) exits with code 1. Bugs still show their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def _load(args) -> object:
+    from rocm_ray.config import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_train(args) -> int:
+    recipe = _load(args)
+    uses_ray = recipe.train.num_workers >= 1
+    if uses_ray:
+        from rocm_ray.train.ray_trainer import train_ray
+
+        train_ray(recipe, resume=args.resume)
+    else:
+        if args.resume:
+            return _fail("--resume needs the Ray path (train.num_workers >= 1); the in-process trainer "
+                         "restarts from step 0")
+        from rocm_ray.train.inprocess import train_inprocess
+
+        train_inprocess(recipe)
+    return 0
+
+
+def cmd_check(args) -> int:
+    import json
+
+    recipe = _load(args)
+    print(json.dumps(recipe.to_dict(), indent=2))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from rocm_ray.config import describe
+
+    print("\n".join(describe()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rocm-ray", description="RLHF for consistency models with regularized ROCM")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune an LCM with ROCM (in-process, or Ray Train if train.num_workers>=1)")
+    t.add_argument("recipe", help="recipes/<name>.yaml")
+    t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. algorithm.beta=0.1")
+    t.add_argument("--resume", action="store_true", help="resume from the run's latest checkpoint (Ray path)")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("check", help="validate a recipe and print it with overrides applied")
+    c.add_argument("recipe")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=cmd_check)
+
+    k = sub.add_parser("keys", help="list every recipe key with its type, default and meaning")
+    k.set_defaults(func=cmd_keys)
+
+    for register in _extra_commands():
+        register(sub)
+    return p
+
+
+def _extra_commands():
+    """Subcommands that live in their own modules (each exposes ``register(subparsers)``)."""
+    import importlib
+
+    out = []
+    for mod in ("rocm_ray.tune", "rocm_ray.use"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if hasattr(m, "register_cli"):
+            out.append(m.register_cli)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rocm_ray.config import RecipeError
+    from rocm_ray.models.policy import ModelLoadError
+    from rocm_ray.train.step import NonFiniteError
+
+    bad_input: tuple[type[BaseException], ...] = (RecipeError, ModelLoadError)
+    try:
+        from rocm_ray.rewards import RewardModelLoadError, RewardModelNotFoundError
+
+        bad_input += (RewardModelNotFoundError, RewardModelLoadError)
+    except ImportError:
+        pass
+    try:
+        return int(args.func(args) or 0)
+    except bad_input as e:
+        return _fail(str(e))
+    except NonFiniteError as e:
+        return _fail(f"training diverged: {e}", code=1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", code=130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The in-process ROCM trainer: one process, no Ray. For laptops, debugging and the reference numbers
+that the Ray path must reproduce."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rocm_ray.config import Recipe, prompts_of
+from rocm_ray.evaluate import judge_accuracy, score_images
+from rocm_ray.models.policy import save_policy_weights
+from rocm_ray.rewards.gradient import score_with_grad
+from rocm_ray.train.builders import build_policy, build_reward, eval_grid_inputs, generate
+from rocm_ray.train.outputs import MetricsLog, SampleLog, plot_curves, save_before_after, write_summary
+from rocm_ray.train.step import NonFiniteError, rocm_step, step_batch
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    metrics: list[dict]
+    summary: dict
+
+
+def step_kwargs(recipe: Recipe) -> dict:
+    a = recipe.algorithm
+    return dict(
+        num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, regularizer=a.regularizer,
+        beta=a.beta, reduction=a.reduction, terminal=a.terminal, truncate_steps=a.truncate_steps,
+        gradient_checkpointing=a.gradient_checkpointing, reward_scale=recipe.reward.scale,
+    )
+
+
+def metrics_row(step: int, res, grad_norm: float, dt: float, batch: int, lr: float) -> dict:
+    row = {"step": step, "loss": res.loss.loss, "reward": res.loss.reward, "divergence": res.loss.divergence,
+           "grad_norm": grad_norm, "images_per_s": batch / dt, "it_per_s": 1.0 / dt, "lr": lr}
+    for i, d in enumerate(res.loss.step_divergences):
+        row[f"div_step_{i + 1}"] = d
+    if len(res.components) > 1:
+        for name, v in res.components.items():
+            row[f"reward_{name}"] = float(v.float().mean())
+    return row
+
+
+def evaluate_before_after(recipe: Recipe, policy, scorer, prompts: list[str], reference: bool) -> dict:
+    """Rewards (and the digit judge, where it applies) on the fixed eval prompts and seeds."""
+    a = recipe.algorithm
+    ps, ss = eval_grid_inputs(recipe, prompts)
+    images = generate(policy, ps, ss, a.num_inference_steps, a.guidance_scale, reference=reference)
+    out = {"images": images, "prompts": ps, "seeds": ss,
+           "reward": float(score_images(scorer, images, ps).mean())}
+    acc = judge_accuracy(images, ps)
+    if acc is not None:
+        out["judge_accuracy"] = acc
+    return out
+
+
+def train_inprocess(recipe: Recipe) -> RunResult:
+    """Fine-tune ``recipe.model`` toward ``recipe.reward`` with regularized ROCM, in this process."""
+    t = recipe.train
+    torch.manual_seed(t.seed)
+    out_dir = recipe.output_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+    prompts = prompts_of(recipe)
+    policy = build_policy(recipe)
+    scorer = build_reward(recipe.reward)
+    params = policy.trainable_parameters()
+    n_params = sum(p.numel() for p in params)
+    print(f"rocm-ray: {recipe.name}: {recipe.model.pretrained} ({'LoRA r=%d' % recipe.model.lora_rank if policy.lora else 'full'}"
+          f", {n_params:,} trainable parameters), reward {[m.name for m in recipe.reward.models]}, "
+          f"{recipe.algorithm.regularizer} beta={recipe.algorithm.beta}, {t.steps} steps x {t.batch_size} images",
+          flush=True)
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+
+    before = evaluate_before_after(recipe, policy, scorer, prompts, reference=True)
+    samples = SampleLog(out_dir / "samples.parquet")
+    samples.add(0, before["prompts"], before["seeds"], before["images"],
+                score_images(scorer, before["images"], before["prompts"]), {}, None)
+    log = MetricsLog(out_dir, t.steps, recipe.logging.log_every,
+                     recipe.logging.wandb_project if recipe.logging.wandb else None,
+                     recipe.logging.tensorboard, recipe.name, recipe.to_dict())
+    kwargs = step_kwargs(recipe)
+    reward_fn = lambda images, ps: score_with_grad(scorer, images, ps)  # noqa: E731
+    t_start = time.perf_counter()
+    for step in range(1, t.steps + 1):
+        t0 = time.perf_counter()
+        ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
+        opt.zero_grad(set_to_none=True)
+        res = rocm_step(policy, ps, seeds, reward_fn, **kwargs)
+        gn = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+        if not torch.isfinite(gn):
+            raise NonFiniteError(f"step {step}: gradient norm is {float(gn)}; lower train.lr or algorithm.beta")
+        opt.step()
+        log.log(metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr))
+        every = recipe.logging.sample_every
+        if every and step % every == 0 and step != t.steps:
+            samples.add(step, ps, seeds, res.images, res.rewards, res.components, res.sample_divergences)
+    wall = time.perf_counter() - t_start
+    log.close()
+
+    after = evaluate_before_after(recipe, policy, scorer, prompts, reference=False)
+    samples.add(t.steps, after["prompts"], after["seeds"], after["images"],
+                score_images(scorer, after["images"], after["prompts"]), {}, None)
+    save_policy_weights(policy, out_dir / "weights")
+    plot_curves(log.rows, out_dir / "curves.png", f"{recipe.name}: {recipe.algorithm.regularizer} "
+                f"beta={recipe.algorithm.beta}")
+    save_before_after(before["images"], after["images"], recipe.data.eval_seeds,
+                      list(dict.fromkeys(before["prompts"])), out_dir / "grid.png")
+    summary = {"name": recipe.name, "steps": t.steps, "regularizer": recipe.algorithm.regularizer,
+               "beta": recipe.algorithm.beta, "wall_time_s": round(wall, 1),
+               "images_per_s": round(t.steps * t.batch_size / wall, 2)}
+    for key in ("reward", "judge_accuracy"):
+        if key in before:
+            summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
+    write_summary(out_dir, summary)
+    print(f"rocm-ray: wrote {out_dir}/ (metrics.csv, curves.png, grid.png, samples.parquet, weights/, summary.md)",
+          flush=True)
+    return RunResult(output_dir=out_dir, metrics=log.rows, summary=summary)
