@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from rocm_ray._quiet import quiet_library_warnings
+
+    quiet_library_warnings()
     from rocm_ray.config import RecipeError
     from rocm_ray.models.policy import ModelLoadError
     from rocm_ray.train.step import NonFiniteError

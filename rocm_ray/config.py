@@ -304,12 +304,35 @@ def recipe_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | 
     if not isinstance(data, dict):
         raise RecipeError(source, "", "a recipe must be a YAML mapping of sections (model:, reward:, ...)")
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
-    for key, value in parse_overrides(overrides or []):
+    for key, value in parse_overrides(overrides or [], source):
         _set_dotted(data, key, value, source)
     recipe = _build(Recipe, data, source, "")
     recipe.source = source
     _validate(recipe)
     return recipe
+
+
+def load_yaml_config(path: str | Path, cls: type, overrides: list[str] | None = None) -> Any:
+    """Load any YAML file into the dataclass ``cls`` with the same airtight checks and overrides as recipes.
+
+    Used by schemas other than the training recipe (e.g. ``rocm-ray eval``'s eval recipes). Sets the
+    attribute ``source`` when ``cls`` has that field.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(str(path), "", "file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(str(path), "", f"not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), "", "expected a YAML mapping of keys")
+    for key, value in parse_overrides(overrides or [], str(path)):
+        _set_dotted(data, key, value, str(path))
+    obj = _build(cls, data, str(path), "")
+    if any(f.name == "source" for f in dataclasses.fields(cls)):
+        obj.source = str(path)
+    return obj
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -168,6 +168,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 SAMPLE_LOG_SCHEMA_DOC = """samples.parquet: one row per generated image.
   step (int64)            training step the image was generated at (0 = before training)
+  model (string)          eval logs only (rocm-ray eval): "base" or "fine-tuned"
   prompt (string)         the prompt
   seed (int64)            the noise seed: torch.Generator().manual_seed(seed) reproduces the image
   reward (double)         the weighted training reward
@@ -190,11 +191,15 @@ class SampleLog:
             self.rows = pq.read_table(path).to_pylist()
 
     def add(self, step: int, prompts: Sequence[str], seeds: Sequence[int], images: Tensor, rewards: Tensor,
-            components: dict[str, Tensor], divergences: Tensor | None) -> None:
+            components: dict[str, Tensor], divergences: Tensor | None, extra: dict[str, str] | None = None) -> None:
+        """Append (replace) the rows of ``step``; ``extra`` adds constant columns (eval: ``{"model": "base"}``),
+        and rows replace only rows of the same step with the same extra values."""
         arr = to_uint8(images)
-        self.rows = [r for r in self.rows if r["step"] != step]
+        extra = dict(extra or {})
+        self.rows = [r for r in self.rows
+                     if not (r["step"] == step and all(r.get(k) == v for k, v in extra.items()))]
         for i, (p, s) in enumerate(zip(prompts, seeds, strict=True)):
-            row = {"step": int(step), "prompt": p, "seed": int(s), "reward": float(rewards[i])}
+            row = {"step": int(step), **extra, "prompt": p, "seed": int(s), "reward": float(rewards[i])}
             for name, v in components.items():
                 row[f"reward_{name}"] = float(v[i])
             divs = [] if divergences is None else [float(d) for d in divergences[i]]
@@ -208,7 +213,15 @@ class SampleLog:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pylist(self.rows)
+        # explicit types for the documented columns (an all-empty ``divergences`` would otherwise be list<null>),
+        # and the union of every row's keys (from_pylist alone takes the first row's)
+        fixed = {"step": pa.int64(), "model": pa.string(), "prompt": pa.string(), "seed": pa.int64(),
+                 "reward": pa.float64(), "divergence": pa.float64(), "divergences": pa.list_(pa.float64()),
+                 "image_png": pa.binary()}
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        schema = pa.schema([(k, fixed[k] if k in fixed else pa.float64() if k.startswith("reward_")
+                             else pa.array([r.get(k) for r in self.rows]).type) for k in keys])
+        table = pa.Table.from_pylist(self.rows, schema=schema)
         tmp = self.path.with_name(self.path.name + ".tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, self.path)
