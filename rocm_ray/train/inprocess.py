@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +61,11 @@ def evaluate_before_after(recipe: Recipe, policy, scorer, prompts: list[str], re
     return out
 
 
-def train_inprocess(recipe: Recipe) -> RunResult:
-    """Fine-tune ``recipe.model`` toward ``recipe.reward`` with regularized ROCM, in this process."""
+def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = None) -> RunResult:
+    """Fine-tune ``recipe.model`` toward ``recipe.reward`` with regularized ROCM, in this process.
+
+    ``on_step(row)`` is called with each step's metrics row (Ray Tune reports through it).
+    """
     t = recipe.train
     torch.manual_seed(t.seed)
     out_dir = recipe.output_path
@@ -72,8 +76,8 @@ def train_inprocess(recipe: Recipe) -> RunResult:
     scorer = build_reward(recipe.reward)
     params = policy.trainable_parameters()
     n_params = sum(p.numel() for p in params)
-    print(f"rocm-ray: {recipe.name}: {recipe.model.pretrained} ({'LoRA r=%d' % recipe.model.lora_rank if policy.lora else 'full'}"
-          f", {n_params:,} trainable parameters), reward {[m.name for m in recipe.reward.models]}, "
+    kind = f"LoRA r={recipe.model.lora_rank}" if policy.lora else "full"
+    print(f"rocm-ray: {recipe.name}: {recipe.model.pretrained} ({kind}, {n_params:,} trainable parameters)", reward {[m.name for m in recipe.reward.models]}, "
           f"{recipe.algorithm.regularizer} beta={recipe.algorithm.beta}, {t.steps} steps x {t.batch_size} images",
           flush=True)
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
@@ -97,7 +101,10 @@ def train_inprocess(recipe: Recipe) -> RunResult:
         if not torch.isfinite(gn):
             raise NonFiniteError(f"step {step}: gradient norm is {float(gn)}; lower train.lr or algorithm.beta")
         opt.step()
-        log.log(metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr))
+        row = metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr)
+        log.log(row)
+        if on_step is not None:
+            on_step(row)
         every = recipe.logging.sample_every
         if every and step % every == 0 and step != t.steps:
             samples.add(step, ps, seeds, res.images, res.rewards, res.components, res.sample_divergences)
