@@ -291,7 +291,7 @@ def parse_overrides(overrides: list[str], source: str = "command line") -> list[
             raise RecipeError(source, o, "an override must look like key.path=value, e.g. algorithm.beta=0.1")
         k, v = o.split("=", 1)
         try:
-            out.append((k.strip(), yaml.safe_load(v) if v != "" else "")) 
+            out.append((k.strip(), yaml.safe_load(v) if v != "" else ""))
         except yaml.YAMLError as e:
             raise RecipeError(source, k, f"cannot parse value {v!r}: {e}") from None
     return out

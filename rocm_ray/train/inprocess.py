@@ -77,7 +77,8 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
     params = policy.trainable_parameters()
     n_params = sum(p.numel() for p in params)
     kind = f"LoRA r={recipe.model.lora_rank}" if policy.lora else "full"
-    print(f"rocm-ray: {recipe.name}: {recipe.model.pretrained} ({kind}, {n_params:,} trainable parameters)", reward {[m.name for m in recipe.reward.models]}, "
+    print(f"rocm-ray: {recipe.name}: {recipe.model.pretrained} ({kind}, {n_params:,} trainable parameters), "
+          f"reward {[m.name for m in recipe.reward.models]}, "
           f"{recipe.algorithm.regularizer} beta={recipe.algorithm.beta}, {t.steps} steps x {t.batch_size} images",
           flush=True)
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
