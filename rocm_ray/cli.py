@@ -3,6 +3,7 @@
     rocm-ray train RECIPE [key=value ...] [--resume]
     rocm-ray keys                         every recipe key, its type, default and meaning
     rocm-ray check RECIPE [key=value ...] validate a recipe and print it resolved
+    rocm-ray build-tiny --out DIR         rebuild the embedded tiny world from scikit-learn's digits
 
 Bad input (a recipe error, a missing model or reward file) prints one clear ``error:`` line and exits
 with code 2; a run that diverges (NaN/inf) exits with code 1. Bugs still show their traceback.
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list every recipe key with its type, default and meaning")
     k.set_defaults(func=cmd_keys)
 
+    # handled in main() before parsing; listed here for --help
+    sub.add_parser("build-tiny", help="rebuild the embedded tiny world (see rocm-ray build-tiny --help)")
+
     for register in _extra_commands():
         register(sub)
     return p
@@ -100,6 +104,11 @@ def _extra_commands():
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build-tiny"]:  # its own argument parser (python -m rocm_ray.models.tiny_world)
+        from rocm_ray.models.tiny_world import main as build_main
+
+        return build_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from rocm_ray._quiet import quiet_library_warnings
