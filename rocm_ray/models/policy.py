@@ -39,7 +39,8 @@ def load_pipeline(pretrained: str, revision: str | None = None, cache_dir: str |
         from rocm_ray.models.tiny import build_random_pipeline
 
         seed = int(pretrained.split(":", 1)[1] or 0)
-        return build_random_pipeline(tempfile.mkdtemp(prefix="rocm_ray_tok_"), seed=seed).to(device)
+        with tempfile.TemporaryDirectory(prefix="rocm_ray_tok_") as tmp:  # the tokenizer is read into memory
+            return build_random_pipeline(tmp, seed=seed).to(device)
     path = resolve_path(pretrained)
     local = Path(path).exists()
     if pretrained.startswith("embedded:") and not local:
@@ -55,7 +56,7 @@ def load_pipeline(pretrained: str, revision: str | None = None, cache_dir: str |
             safety_checker=None, requires_safety_checker=False,
             local_files_only=local or os.environ.get("HF_HUB_OFFLINE", "0") == "1",
         )
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"cannot load the LCM pipeline {pretrained!r}: {e}\nGive model.pretrained as a local folder "
             "written by save_pretrained, or a Hugging Face id already in the cache (model.cache_dir), e.g. "
@@ -165,7 +166,11 @@ def save_policy_weights(policy: Policy, out_dir: str | Path) -> Path:
         from diffusers import LatentConsistencyModelPipeline
 
         sd = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(policy.unet).items()}
-        LatentConsistencyModelPipeline.save_lora_weights(str(tmp), unet_lora_layers=sd, safe_serialization=True)
+        # the adapter config (rank, alpha, targets) goes into the file's metadata: without it diffusers'
+        # load_lora_weights assumes alpha = rank and scales the update wrongly when lora_alpha != lora_rank
+        meta = next(iter(policy.unet.peft_config.values())).to_dict()
+        LatentConsistencyModelPipeline.save_lora_weights(str(tmp), unet_lora_layers=sd, safe_serialization=True,
+                                                         unet_lora_adapter_metadata=meta)
     else:
         policy.unet.save_pretrained(str(tmp))
     final = out / name
