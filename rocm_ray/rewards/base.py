@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import pickle
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -113,7 +115,7 @@ def locate_file(
     if path is None:
         if repo_id is None:
             raise not_found(model, "nothing (no path given)", expected, source)
-        return _hub_file(repo_id, filename, model=model, expected=expected, source=source)
+        return _hub_file(repo_id, filename, model=model, expected=expected, source=source, local=False)
     p = _resolve(path)
     local = Path(p)
     if local.is_file():
@@ -123,11 +125,11 @@ def locate_file(
             return local / filename
         raise not_found(model, f"{local / filename}", expected, source)
     if _looks_like_repo_id(p):
-        return _hub_file(p, filename, model=model, expected=expected, source=source)
+        return _hub_file(p, filename, model=model, expected=expected, source=source, local=True)
     raise not_found(model, f"{p} (no such file or folder)", expected, source)
 
 
-def _hub_file(repo_id: str, filename: str, *, model: str, expected: str, source: str) -> Path:
+def _hub_file(repo_id: str, filename: str, *, model: str, expected: str, source: str, local: bool) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
@@ -135,7 +137,8 @@ def _hub_file(repo_id: str, filename: str, *, model: str, expected: str, source:
     except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, ...
         raise not_found(
             model,
-            f"{filename} of the Hugging Face repo {repo_id} in the local cache ({type(exc).__name__})",
+            f"{filename} of the Hugging Face repo {repo_id} in the local cache ({type(exc).__name__})"
+            + ("; no local file or folder of that name either" if local else ""),
             expected,
             source,
         ) from exc
@@ -178,7 +181,8 @@ def locate_folder(
         except Exception as exc:
             raise not_found(
                 model,
-                f"the Hugging Face repo {p} in the local cache ({type(exc).__name__})",
+                f"the Hugging Face repo {p} in the local cache ({type(exc).__name__}); "
+                "no local folder of that name either",
                 expected,
                 source,
             ) from exc
@@ -202,13 +206,28 @@ def read_json(path: Path, *, model: str, source: str) -> dict[str, Any]:
 
 
 def load_torch_file(path: Path, *, model: str, expected: str, source: str) -> Any:
-    """``torch.load`` a checkpoint on CPU (weights only); any failure becomes ``RewardModelLoadError``."""
+    """Load a checkpoint on CPU; any failure becomes ``RewardModelLoadError``.
+
+    Tries ``weights_only=True`` first. Some official training checkpoints pickle extra Python objects
+    next to the weights (the official loaders use a plain ``torch.load``); for those we fall back to a
+    full unpickle of this local file, with a warning.
+    """
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "unsupported global" not in str(exc).lower():  # garbage, not a pickled Python object
+                raise
+            warnings.warn(
+                f"{model}: {path} holds more than tensors; loading it with weights_only=False "
+                "(only do this for files from the official source)",
+                stacklevel=3,
+            )
+            return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
         raise load_error(model, path, expected, source, exc) from exc
 
