@@ -435,7 +435,13 @@ def test_clip_missing_and_corrupt_checkpoints(tmp, clip_folder):
     (broken / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
     with pytest.raises(RewardModelLoadError) as err:
         build_scorer("clip_score", path=str(broken))
-    assert "CLIP score" in str(err.value) and "model.safetensors" not in "" and "corrupt" in str(err.value)
+    msg = str(err.value)
+    assert (
+        "CLIP score" in msg
+        and str(broken) in msg
+        and "corrupt" in msg
+        and "openai/clip-vit-large-patch14" in msg
+    )
 
     no_proc = tmp / "clip_noproc"
     no_proc.mkdir()
@@ -1057,3 +1063,114 @@ def test_require_differentiable_names_the_culprit():
     with pytest.raises(ValueError, match="'jpeg_compressibility' is not differentiable"):
         require_differentiable(mix)
     require_differentiable(_Toy("ok", lambda x: x.mean((1, 2, 3))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Real-size layouts, on the meta device (shapes only, no memory, no weights)
+# ----------------------------------------------------------------------------------------------
+
+
+def _open_clip_vit_h_14_shapes() -> dict[str, tuple[int, ...]]:
+    """The open_clip ViT-H-14 state-dict layout (the HPS checkpoints'), written from open_clip's modules."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "positional_embedding": (77, 1024),
+        "text_projection": (1024, 1024),
+        "logit_scale": (),
+        "token_embedding.weight": (49408, 1024),
+        "ln_final.weight": (1024,),
+        "ln_final.bias": (1024,),
+        "visual.class_embedding": (1280,),
+        "visual.positional_embedding": (257, 1280),
+        "visual.proj": (1280, 1024),
+        "visual.conv1.weight": (1280, 3, 14, 14),
+        "visual.ln_pre.weight": (1280,),
+        "visual.ln_pre.bias": (1280,),
+        "visual.ln_post.weight": (1280,),
+        "visual.ln_post.bias": (1280,),
+    }
+    for prefix, layers, w in (
+        ("visual.transformer.resblocks.", 32, 1280),
+        ("transformer.resblocks.", 24, 1024),
+    ):
+        for i in range(layers):
+            p = f"{prefix}{i}."
+            shapes.update({
+                p + "ln_1.weight": (w,), p + "ln_1.bias": (w,),
+                p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
+                p + "attn.in_proj_weight": (3 * w, w), p + "attn.in_proj_bias": (3 * w,),
+                p + "attn.out_proj.weight": (w, w), p + "attn.out_proj.bias": (w,),
+                p + "mlp.c_fc.weight": (4 * w, w), p + "mlp.c_fc.bias": (4 * w,),
+                p + "mlp.c_proj.weight": (w, 4 * w), p + "mlp.c_proj.bias": (w,),
+            })  # fmt: skip
+    return shapes
+
+
+def test_vit_h_14_open_clip_layout_maps_onto_the_transformers_model():
+    from transformers import CLIPModel
+
+    from rocm_ray.rewards.hps import VIT_H_14, clip_config_from_open_clip, open_clip_to_transformers
+
+    sd = {k: torch.empty(s, device="meta") for k, s in _open_clip_vit_h_14_shapes().items()}
+    mapped = open_clip_to_transformers(sd)
+    with torch.device("meta"):
+        model = CLIPModel(clip_config_from_open_clip(VIT_H_14, eos_token_id=49407))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == expected
+
+
+def test_imagereward_layout_infers_blip_vit_l_and_bert_base():
+    from rocm_ray.rewards.imagereward import blip_configs_from_state_dicts, imagereward_to_transformers
+
+    v, t = "blip.visual_encoder.", "blip.text_encoder."
+    shapes = {
+        v + "cls_token": (1, 1, 1024),
+        v + "pos_embed": (1, 197, 1024),
+        v + "patch_embed.proj.weight": (1024, 3, 16, 16),
+        v + "patch_embed.proj.bias": (1024,),
+        v + "norm.weight": (1024,),
+        v + "norm.bias": (1024,),
+        t + "embeddings.word_embeddings.weight": (30524, 768),
+        t + "embeddings.position_embeddings.weight": (512, 768),
+        t + "embeddings.LayerNorm.weight": (768,),
+        t + "embeddings.LayerNorm.bias": (768,),
+        t + "embeddings.position_ids": (1, 512),
+        "blip.vision_proj.weight": (256, 1024),
+        "blip.text_proj.weight": (256, 768),
+        "mlp.layers.0.weight": (1024, 768),
+    }
+    for i in range(24):
+        p = f"{v}blocks.{i}."
+        for name, s in (
+            ("norm1", (1024,)),
+            ("norm2", (1024,)),
+            ("attn.qkv", (3072, 1024)),
+            ("attn.proj", (1024, 1024)),
+            ("mlp.fc1", (4096, 1024)),
+            ("mlp.fc2", (1024, 4096)),
+        ):
+            shapes[f"{p}{name}.weight"] = s
+            shapes[f"{p}{name}.bias"] = (s[0],)
+    for i in range(12):
+        p = f"{t}encoder.layer.{i}."
+        shapes[p + "intermediate.dense.weight"] = (3072, 768)
+        shapes[p + "attention.self.query.weight"] = (768, 768)
+        shapes[p + "crossattention.self.key.weight"] = (768, 1024)
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    vision, text, head = imagereward_to_transformers(sd)
+    vc, tc = blip_configs_from_state_dicts(vision, text, {"num_attention_heads": 12, "layer_norm_eps": 1e-12})
+    assert (vc.hidden_size, vc.num_hidden_layers, vc.num_attention_heads, vc.patch_size, vc.image_size) == (
+        1024,
+        24,
+        16,
+        16,
+        224,
+    )
+    assert (vc.intermediate_size, vc.layer_norm_eps) == (4096, 1e-6)
+    assert (tc.vocab_size, tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads) == (
+        30524,
+        768,
+        12,
+        12,
+    )
+    assert (tc.encoder_hidden_size, tc.intermediate_size, tc.max_position_embeddings) == (1024, 3072, 512)
+    assert set(head) == {"layers.0.weight"} and "embeddings.position_ids" not in text

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from rocm_ray.rewards.base import (
 )
 from rocm_ray.rewards.preprocess import ImagePreprocessConfig, preprocess_images
 
+if TYPE_CHECKING:
+    from transformers import CLIPModel, CLIPTokenizer
+
 CLIP_SOURCE = "the openai/clip-vit-large-patch14 Hugging Face repo (or any CLIPModel folder)"
 PICKSCORE_SOURCE = (
     "the yuvalkirstain/PickScore_v1 Hugging Face repo (model), with processor "
@@ -41,7 +45,9 @@ PROCESSOR_FILES: tuple[str | tuple[str, ...], ...] = (
 )
 
 
-def load_clip_model(folder: Path, *, model: str, source: str, device: str | torch.device, dtype: torch.dtype):
+def load_clip_model(
+    folder: Path, *, model: str, source: str, device: str | torch.device, dtype: torch.dtype
+) -> CLIPModel:
     """``CLIPModel.from_pretrained`` on a local folder, frozen; failures become ``RewardModelLoadError``."""
     from transformers import CLIPModel
 
@@ -54,7 +60,7 @@ def load_clip_model(folder: Path, *, model: str, source: str, device: str | torc
     return freeze(clip.to(device))
 
 
-def load_clip_tokenizer(folder: Path, *, model: str, source: str):
+def load_clip_tokenizer(folder: Path, *, model: str, source: str) -> CLIPTokenizer:
     """The CLIP BPE tokenizer saved in ``folder`` (``tokenizer.json`` or ``vocab.json`` + ``merges.txt``)."""
     from transformers import CLIPTokenizer
 
@@ -82,7 +88,9 @@ def has_processor(folder: Path) -> bool:
     )
 
 
-def _processor_or_tokenizer(processor_path: str | Path | None, tokenizer_path: str | Path | None):
+def _processor_or_tokenizer(
+    processor_path: str | Path | None, tokenizer_path: str | Path | None
+) -> str | Path | None:
     """``tokenizer_path`` is accepted as another name for ``processor_path`` (a folder with both)."""
     if (
         processor_path is not None

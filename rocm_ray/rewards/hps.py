@@ -20,7 +20,7 @@ import copy
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from rocm_ray.rewards.preprocess import (
     ImagePreprocessConfig,
     preprocess_images,
 )
+
+if TYPE_CHECKING:
+    from transformers import CLIPConfig, CLIPModel
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -69,7 +72,7 @@ def clip_config_from_open_clip(
     eos_token_id: int | None = None,
     bos_token_id: int | None = None,
     pad_token_id: int | None = None,
-):
+) -> CLIPConfig:
     """An open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``) -> ``transformers.CLIPConfig``.
 
     Only the plain ``CLIP`` tower layout is supported (no layer scale, no attentional pooler, no custom
@@ -250,7 +253,7 @@ def transformers_to_open_clip(state_dict: Mapping[str, Tensor]) -> dict[str, Ten
     return out
 
 
-def _new_clip_model(config):
+def _new_clip_model(config: CLIPConfig) -> CLIPModel:
     from transformers import CLIPModel
 
     try:  # skip the random init of ~1B parameters that the checkpoint overwrites anyway

@@ -23,7 +23,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,9 @@ from rocm_ray.rewards.base import (
 )
 from rocm_ray.rewards.hps import unwrap_state_dict
 from rocm_ray.rewards.preprocess import ImagePreprocessConfig, preprocess_images
+
+if TYPE_CHECKING:
+    from transformers import BlipTextConfig, BlipVisionConfig
 
 IMAGEREWARD_REPO = "THUDM/ImageReward"
 IMAGEREWARD_FILE = "ImageReward.pt"
@@ -124,7 +127,7 @@ def blip_configs_from_state_dicts(
     text: Mapping[str, Tensor],
     med_config: Mapping[str, Any] | None = None,
     vision_heads: int | None = None,
-):
+) -> tuple[BlipVisionConfig, BlipTextConfig]:
     """Infer ``BlipVisionConfig`` and ``BlipTextConfig`` from the checkpoint's shapes.
 
     Sizes and layer counts come from the tensors; what shapes cannot tell (attention heads, LayerNorm
@@ -306,7 +309,7 @@ class ImageRewardScorer(nn.Module):
         return ((reward - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).to(images.device)
 
 
-def _no_init():
+def _no_init() -> contextlib.AbstractContextManager:
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover
