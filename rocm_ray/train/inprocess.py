@@ -28,9 +28,15 @@ class RunResult:
     summary: dict
 
 
-def step_kwargs(recipe: Recipe) -> dict:
+AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def step_kwargs(recipe: Recipe, device: str | torch.device = "cpu") -> dict:
+    """The recipe's algorithm section as :func:`rocm_step` keywords (autocast on GPU only)."""
     a = recipe.algorithm
+    on_gpu = torch.device(device).type == "cuda"
     return dict(
+        autocast_dtype=AUTOCAST[recipe.train.mixed_precision] if on_gpu else None,
         num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, regularizer=a.regularizer,
         beta=a.beta, reduction=a.reduction, terminal=a.terminal, truncate_steps=a.truncate_steps,
         gradient_checkpointing=a.gradient_checkpointing, reward_scale=recipe.reward.scale,
@@ -72,8 +78,9 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     prompts = prompts_of(recipe)
-    policy = build_policy(recipe)
-    scorer = build_reward(recipe.reward)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = build_policy(recipe, device)
+    scorer = build_reward(recipe.reward, device)
     params = policy.trainable_parameters()
     n_params = sum(p.numel() for p in params)
     kind = f"LoRA r={recipe.model.lora_rank}" if policy.lora else "full"
@@ -90,7 +97,7 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
     log = MetricsLog(out_dir, t.steps, recipe.logging.log_every,
                      recipe.logging.wandb_project if recipe.logging.wandb else None,
                      recipe.logging.tensorboard, recipe.name, recipe.to_dict())
-    kwargs = step_kwargs(recipe)
+    kwargs = step_kwargs(recipe, device)
     reward_fn = lambda images, ps: score_with_grad(scorer, images, ps)  # noqa: E731
     t_start = time.perf_counter()
     for step in range(1, t.steps + 1):
