@@ -371,13 +371,17 @@ def _validate(r: Recipe) -> None:
                           f"must be divisible by train.num_workers ({r.train.num_workers}), got {r.train.batch_size}")
     if r.train.zero_stage and r.train.num_workers == 0:
         raise RecipeError(src, "train.zero_stage", "DeepSpeed ZeRO needs Ray Train workers: set train.num_workers >= 1")
-    from rocm_ray.rewards import available_scorers  # lazy: imports torch
-    from rocm_ray.rewards.toy import TOY_SCORERS
+    from rocm_ray.rewards import available_scorers, scorer_options  # lazy: imports torch
 
-    names = [*available_scorers(), *TOY_SCORERS]
+    names = available_scorers()
     for i, m in enumerate(r.reward.models):
         if m.name not in names:
             raise RecipeError(src, f"reward.models.{i}.name", f"unknown reward {m.name!r}; one of: {', '.join(names)}")
+        for opt in ("head_path", "tokenizer_path"):
+            if getattr(m, opt) is not None and opt not in scorer_options(m.name):
+                raise RecipeError(src, f"reward.models.{i}.{opt}",
+                                  f"reward {m.name!r} takes no {opt}; its options: "
+                                  f"{', '.join(scorer_options(m.name)) or 'none'}")
 
 
 def prompts_of(recipe: Recipe) -> list[str]:

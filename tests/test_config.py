@@ -41,6 +41,7 @@ def test_overrides_apply_with_types():
     ("algorithm.truncate_steps=9", "algorithm.truncate_steps", "num_inference_steps"),
     ("data.prompts_file=nope.txt", "data.prompts_file", "not found"),
     ("train.zero_stage=2", "train.zero_stage", "num_workers"),
+    ("reward.models.0.head_path=x.pth", "reward.models.0.head_path", "takes no head_path"),
     ("nonsense", "nonsense", "key.path=value"),
 ])
 def test_bad_overrides_name_file_and_key(override, key, words):

@@ -286,10 +286,14 @@ _REGISTRY: dict[str, tuple[str, dict[str, Any]]] = {
     "aesthetic": ("rocm_ray.rewards.aesthetic:AestheticScorer", {}),
     "jpeg_compressibility": ("rocm_ray.rewards.jpeg:JpegScorer", {"compressibility": True}),
     "jpeg_incompressibility": ("rocm_ray.rewards.jpeg:JpegScorer", {"compressibility": False}),
+    # weight-free toy rewards for debugging runs and tests
+    "toy_brightness": ("rocm_ray.rewards.toy:BrightnessReward", {}),
+    "toy_redness": ("rocm_ray.rewards.toy:RednessReward", {}),
 }
 
 # Which registered rewards are differentiable (known without importing them).
-_DIFFERENTIABLE = ("clip_score", "pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic")
+_DIFFERENTIABLE = ("clip_score", "pickscore", "hpsv2", "hpsv21", "imagereward", "aesthetic", "toy_brightness",
+                   "toy_redness")
 
 
 def available_scorers() -> list[str]:

@@ -13,6 +13,9 @@ class BrightnessReward:
     name = "toy_brightness"
     differentiable = True
 
+    def __init__(self, path: str | None = None, device: object = "cpu", dtype: object = None) -> None:
+        del path, device, dtype  # no weights
+
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         return images.mean(dim=(1, 2, 3))  # [B]
 
@@ -23,9 +26,9 @@ class RednessReward:
     name = "toy_redness"
     differentiable = True
 
+    def __init__(self, path: str | None = None, device: object = "cpu", dtype: object = None) -> None:
+        del path, device, dtype  # no weights
+
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         r, g, b = images.unbind(1)  # each [B, H, W]
         return (r - (g + b) / 2).mean(dim=(1, 2))  # [B]
-
-
-TOY_SCORERS = {"toy_brightness": BrightnessReward, "toy_redness": RednessReward}

@@ -15,13 +15,9 @@ from rocm_ray.sampling import draw_noise, encode_prompts, latent_shape, sample_t
 def build_reward(cfg: RewardConfig, device: str | torch.device = "cpu", algorithm: str = "rocm"):
     """The recipe's reward: one scorer, or a weighted mixture; checked differentiable for ROCM."""
     from rocm_ray.rewards import RewardMixture, build_scorer, require_differentiable
-    from rocm_ray.rewards.toy import TOY_SCORERS
 
     parts = []
     for m in cfg.models:
-        if m.name in TOY_SCORERS:
-            parts.append((TOY_SCORERS[m.name](), m.weight))
-            continue
         options = {k: v for k, v in (("head_path", m.head_path), ("tokenizer_path", m.tokenizer_path)) if v}
         parts.append((build_scorer(m.name, path=m.path, device=device, **options), m.weight))
     scorer = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else RewardMixture(parts)
