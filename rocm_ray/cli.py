@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"training diverged: {e}", code=1)
     except KeyboardInterrupt:
         return _fail("interrupted", code=130)
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
 
 
 if __name__ == "__main__":
