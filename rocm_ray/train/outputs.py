@@ -218,6 +218,7 @@ class SampleLog:
                  "reward": pa.float64(), "divergence": pa.float64(), "divergences": pa.list_(pa.float64()),
                  "image_png": pa.binary()}
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        keys = [k for k in keys if k != "image_png"] + ["image_png"] * ("image_png" in keys)
         schema = pa.schema([(k, fixed[k] if k in fixed else pa.float64() if k.startswith("reward_")
                              else pa.array([r.get(k) for r in self.rows]).type) for k in keys])
         table = pa.Table.from_pylist(self.rows, schema=schema)
