@@ -135,6 +135,29 @@ def describe_source(path: str | Path) -> ModelSource:
 # ------------------------------------------------------------------------------------------- loading
 
 
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Mute diffusers / transformers warnings and progress bars while loading and saving.
+
+    Loading a UNet-only LoRA makes diffusers warn that the text encoder got none, and every
+    (re)load or save draws progress bars: noise around commands whose own output is one line.
+    """
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dl, tl)]
+    for m, _, _ in saved:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, level, bar in saved:
+            m.set_verbosity(level)
+            if bar:
+                m.enable_progress_bar()
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available, else ``cpu``; anything else unchanged."""
     if device == "auto":
@@ -189,12 +212,13 @@ def load_lora(pipe, src: ModelSource) -> None:
     would assume alpha = rank and scale the update wrongly).
     """
     sd, meta = read_lora(src.weights)
-    if meta is not None:
-        pipe.load_lora_weights(str(src.weights))
-        return
-    with tempfile.TemporaryDirectory(prefix="rocm_ray_lora_") as tmp:
-        write_lora(sd, Path(tmp), lora_metadata_from_recipe(src.model_cfg))
-        pipe.load_lora_weights(tmp)
+    with quiet_hf():
+        if meta is not None:
+            pipe.load_lora_weights(str(src.weights))
+            return
+        with tempfile.TemporaryDirectory(prefix="rocm_ray_lora_") as tmp:
+            write_lora(sd, Path(tmp), lora_metadata_from_recipe(src.model_cfg))
+            pipe.load_lora_weights(tmp)
 
 
 def load_base_pipeline(spec: str, options: dict[str, Any] | None = None, device: str = "cpu"):
@@ -340,8 +364,9 @@ def cmd_sample(args) -> int:
     if out.exists() and not out.is_dir():
         raise UseError(f"--out {out} is a file; give a folder")
     t0 = time.perf_counter()
-    images, ps, ss, settings = sample_images(args.model, prompts, args.seed, args.steps, args.guidance,
-                                             args.num_images, args.device, args.base, args.batch_size)
+    with quiet_hf():
+        images, ps, ss, settings = sample_images(args.model, prompts, args.seed, args.steps, args.guidance,
+                                                 args.num_images, args.device, args.base, args.batch_size)
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -588,11 +613,11 @@ def run_eval(model: str | Path, cfg: EvalRecipe) -> EvalResult:
                      else src.algorithm_cfg.get("guidance_scale", 8.0))
     out = Path(cfg.output_dir.replace("{model}", str(src.path)).replace("{name}", cfg.name))
     device = resolve_device(cfg.device)
-    loaded = load_model(src, device, cfg.base_model)
-    if loaded.base_spec is None:
+    if cfg.base_model in ("auto", "") and src.base is None:
         raise UseError(f"{src.path}: the base model is unknown (a diffusers folder without {EXPORT_INFO}); "
                        "set base_model=<folder, HF id or embedded:...> to compare against")
-    scorers = build_eval_scorers(cfg.rewards, device)
+    scorers = build_eval_scorers(cfg.rewards, device)  # first: a missing reward model fails fast
+    loaded = load_model(src, device, cfg.base_model)
     out.mkdir(parents=True, exist_ok=True)
     ps = [p for p in prompts for _ in seeds]  # prompt-major: [P * S]
     ss = [s for _ in prompts for s in seeds]
@@ -652,7 +677,8 @@ def _json_default(x: Any) -> Any:
 
 def cmd_eval(args) -> int:
     cfg = load_eval_recipe(args.recipe, args.overrides)
-    run_eval(args.model, cfg)
+    with quiet_hf():
+        run_eval(args.model, cfg)
     return 0
 
 
@@ -662,7 +688,8 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from rocm_ray.export import export_run
 
-    res = export_run(args.run, args.out, merge=args.merge, force=args.force, device=args.device)
+    with quiet_hf():
+        res = export_run(args.run, args.out, merge=args.merge, force=args.force, device=args.device)
     print(f"rocm-ray export: {res.kind} -> {res.path}/" + (
         f" (verified: max |fused - LoRA| UNet output {res.verify.get('fused_vs_lora', 0):.2e}, "
         f"reloaded {res.verify.get('reloaded_vs_lora', 0):.2e})" if res.verify else ""), flush=True)

@@ -129,9 +129,18 @@ def test_merged_export_loads_with_from_pretrained(run_dir, tmp_path):
     assert info["kind"] == "merged" and max(info["verify"].values()) < 1e-4
     pipe = LatentConsistencyModelPipeline.from_pretrained(str(out))
     assert not any("lora" in n for n, _ in pipe.unet.named_parameters())
-    diff = (diffusers_images(pipe, PROMPTS, SEEDS) - ours(run_dir)).abs().max().item()
+    ref = ours(run_dir)
+    diff = (diffusers_images(pipe, PROMPTS, SEEDS) - ref).abs().max().item()
     print(f"merged export vs rocm-ray sample: max abs diff {diff:.2e}")
     assert diff <= 1e-4
+    # the export is a model folder for sample and eval too; eval finds its base in rocm_ray_export.json
+    assert (ours(out) - ref).abs().max().item() <= 1e-4
+    ev = tmp_path / "eval"
+    assert main(["eval", str(out), str(EVAL_DEBUG), f"output_dir={ev}", "seeds=[0,1]",
+                 "prompts=[a handwritten digit 2]"]) == 0
+    report = json.loads((ev / "eval.json").read_text())
+    assert report["kind"] == "pipeline" and report["base_model"] == "random:0"
+    assert report["trained_rewards"] == ["toy_brightness"]
 
 
 def test_full_finetune_run_exports_a_pipeline(run_dir, tmp_path):
