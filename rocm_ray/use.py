@@ -281,11 +281,12 @@ def load_model(path: str | Path | ModelSource, device: str = "cpu", base_model: 
     if src.kind == "full":
         base = load_base_pipeline(src.base, src.base_options, device)
         dtype = DTYPES[src.base_options.get("dtype", "float32")]
-        unet = UNet2DConditionModel.from_pretrained(str(src.weights), torch_dtype=dtype).to(device).eval()
-        pipe = LatentConsistencyModelPipeline(**{**base.components, "unet": unet})
+        unet = UNet2DConditionModel.from_pretrained(str(src.weights), dtype=dtype).to(device).eval()
+        parts = {**base.components, "unet": unet, "requires_safety_checker": False}
+        pipe = LatentConsistencyModelPipeline(**parts)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(src, pipe, device, base_spec, _base_pipe=None if explicit else base)
-    pipe = load_pipeline(str(src.weights), device=device)
+    pipe = load_pipeline(str(src.weights), dtype=src.base_options.get("dtype", "float32"), device=device)
     return LoadedModel(src, pipe, device, base_spec)
 
 
@@ -337,6 +338,8 @@ def sample_images(model: str | Path | LoadedModel, prompts: Sequence[str], seed:
         raise UseError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (one prompt a line)")
     if num_images < 1:
         raise UseError(f"--num-images must be >= 1, got {num_images}")
+    if num_inference_steps is not None and not 1 <= num_inference_steps <= 50:
+        raise UseError(f"--steps must be in 1..50, got {num_inference_steps}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     alg = loaded.source.algorithm_cfg
     steps = int(num_inference_steps or alg.get("num_inference_steps", 4))

@@ -240,3 +240,11 @@ def test_bad_input_exits_2(run_dir, tmp_path, capsys, argv, words):
     assert len(err) == 1 and err[0].startswith("error: ")
     for w in words:
         assert w in err[0], (w, err[0])
+
+
+@pytest.mark.parametrize("path", sorted(EVAL_DEBUG.parent.glob("eval_*.yaml")), ids=lambda p: p.name)
+def test_shipped_eval_recipes_parse(path):
+    from rocm_ray.use import eval_prompts, load_eval_recipe
+
+    cfg = load_eval_recipe(path)
+    assert len(cfg.rewards) >= 2 and eval_prompts(cfg) and len(cfg.seeds) >= 2
