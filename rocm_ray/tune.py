@@ -96,6 +96,22 @@ def _number(v: Any, source: str, key: str) -> float:
         raise RecipeError(source, key, f"expected a number, got {v!r}") from None
 
 
+def _flatten_space(space: dict) -> dict[str, Any]:
+    """``{train: {lr: [...]}}`` (nested YAML, or the override ``tune.search_space.train.lr=[...]``) ->
+    ``{"train.lr": [...]}``: a mapping under a recipe section's name (model, algorithm, train, ...) is
+    that section's keys; any other mapping is a distribution."""
+    import dataclasses
+
+    sections = {f.name for f in dataclasses.fields(Recipe) if f.name not in ("tune", "source")}
+    flat: dict[str, Any] = {}
+    for k, v in space.items():
+        if k in sections and isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
 def parse_search_space(recipe: Recipe) -> list[SearchKey]:
     """``recipe.tune.search_space`` -> typed :class:`SearchKey` s (syntax only; values are checked by
     :func:`check_search_space`)."""
@@ -105,7 +121,7 @@ def parse_search_space(recipe: Recipe) -> list[SearchKey]:
         raise RecipeError(src, "tune.search_space", "empty: give at least one key to search, e.g. "
                           "{algorithm.beta: [0.01, 0.1]} or {train.lr: {loguniform: [1.0e-5, 1.0e-3]}}")
     out = []
-    for key, spec in space.items():
+    for key, spec in _flatten_space(space).items():
         where = f"tune.search_space.{key}"
         if any(key == p or key.startswith(p + ".") for p in FORBIDDEN_PREFIXES):
             raise RecipeError(src, where, "cannot be searched (the tune: and ray: sections and "
@@ -549,7 +565,7 @@ def _start_ray(recipe: Recipe, dashboard: bool = False) -> bool:
         if dashboard:
             opts["dashboard_host"] = "127.0.0.1"
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(_node_ip_address="127.0.0.1", log_to_driver=True, **opts)
+        ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True, **opts)  # our own Ray
     return True
 
 
@@ -721,7 +737,8 @@ def write_tables(rows: list[dict], out: Path, title: str, best: dict | None,
 def _label(row: dict) -> str:
     reg = row.get("algorithm.regularizer", row.get("regularizer"))
     beta = row.get("algorithm.beta", row.get("beta"))
-    return f"{reg} β={_fmt(beta)}"
+    lr = f" lr={_fmt(row['train.lr'])}" if "train.lr" in row else ""
+    return f"{reg} β={_fmt(beta)}{lr}"
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -750,6 +767,7 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> Path | None:
     divs = [r[dk] for r in pts]
     if min(divs) > 0 and max(divs) / min(divs) > 100:
         ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.12)  # room for the labels
     ax.set_xlabel(d_label, fontsize=8)
     ax.set_ylabel(r_label, fontsize=8)
     left_out = len([r for r in rows if r["status"] != "error"]) - len(pts)

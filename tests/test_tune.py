@@ -30,7 +30,8 @@ def local_ray():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+                 log_to_driver=False)
     yield
     if started:
         ray.shutdown()
@@ -109,6 +110,14 @@ def test_yaml_float_strings_get_a_hint():
     ranged = load_recipe(RECIPE, ["tune.search_space={algorithm.beta: {loguniform: [1e-3, 1]}}"])
     (k,) = parse_search_space(ranged)  # range ends are numbers by definition: accepted
     assert k.values == (1e-3, 1.0) and check_search_space(ranged, [k]) == 2
+
+
+def test_shipped_recipes_and_nested_keys():
+    kl = load_recipe("recipes/tune_tiny_kl.yaml")  # parses without the embedded assets
+    keys = parse_search_space(kl)
+    assert kl.tune.scheduler == "asha" and check_search_space(kl, keys) == 12
+    nested = load_recipe(RECIPE, ["tune.search_space.train.lr=[0.01, 0.05]"])  # = {train: {lr: [...]}}
+    assert "train.lr" in [k.key for k in parse_search_space(nested)]
 
 
 def test_cli_bad_key_exits_2_with_one_error_line(capsys):
