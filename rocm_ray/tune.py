@@ -248,6 +248,13 @@ def _check_metric(recipe: Recipe) -> None:
 # ---------------------------------------------------- a divergence on one scale for every trial (Pareto)
 
 
+def _device() -> str:
+    """Where in-process work runs: the in-process trainer's rule (CUDA when this process sees one)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_trained_policy(recipe: Recipe, weights_dir: Path):
     """The recipe's policy with a run's trained weights (``weights/lora`` or ``weights/unet``) loaded;
     None when the run wrote no weights there."""
@@ -255,7 +262,7 @@ def load_trained_policy(recipe: Recipe, weights_dir: Path):
 
     from rocm_ray.train.builders import build_policy
 
-    policy = build_policy(recipe)
+    policy = build_policy(recipe, _device())
     lora_file = weights_dir / "lora" / "pytorch_lora_weights.safetensors"
     if policy.lora and lora_file.is_file():
         from diffusers.utils import convert_unet_state_dict_to_peft
@@ -273,7 +280,7 @@ def load_trained_policy(recipe: Recipe, weights_dir: Path):
 
         trained = UNet2DConditionModel.from_pretrained(str(weights_dir / "unet"))
         with torch.no_grad():
-            policy.unet.load_state_dict(trained.state_dict())
+            policy.unet.load_state_dict(trained.state_dict())  # copies onto the policy's device and dtype
         return policy
     return None
 
@@ -430,8 +437,9 @@ def train_checkpointed(recipe: Recipe, checkpoint_every: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     prompts = prompts_of(recipe)
-    policy = build_policy(recipe)
-    scorer = build_reward(recipe.reward)
+    device = _device()
+    policy = build_policy(recipe, device)
+    scorer = build_reward(recipe.reward, device)
     named = {n: p for n, p in policy.unet.named_parameters() if p.requires_grad}
     params = list(named.values())
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
@@ -439,7 +447,7 @@ def train_checkpointed(recipe: Recipe, checkpoint_every: int) -> None:
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=True)
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(state["params"][n])
@@ -451,7 +459,7 @@ def train_checkpointed(recipe: Recipe, checkpoint_every: int) -> None:
               flush=True)
     log = MetricsLog(out_dir, t.steps, recipe.logging.log_every, None, recipe.logging.tensorboard,
                      recipe.name, recipe.to_dict(), append=start > 1)
-    kwargs = step_kwargs(recipe)
+    kwargs = step_kwargs(recipe, device)
     reward_fn = lambda images, ps: score_with_grad(scorer, images, ps)  # noqa: E731
     t_start = time.perf_counter()
     for step in range(start, t.steps + 1):
@@ -781,6 +789,13 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
+def _error_line(err: BaseException) -> str:
+    """A trial's failure in one line: the original exception (Ray wraps it in a RayTaskError)."""
+    cause = getattr(err, "cause", None) or err
+    text = " ".join(str(cause).split())
+    return f"{type(cause).__name__}: {text[:400]}"
+
+
 def summarize(recipe: Recipe, keys: list[SearchKey], grid, out: Path) -> ResultSummary:
     """Tune's ResultGrid -> results.csv, results.md, pareto.png and the best trial."""
     rows = [_trial_row(grid[i], keys, recipe, out) for i in range(len(grid))]
@@ -791,7 +806,7 @@ def summarize(recipe: Recipe, keys: list[SearchKey], grid, out: Path) -> ResultS
         r.setdefault("pareto", False)
     metric, mode = recipe.tune.metric, recipe.tune.mode
     best = pick_best(rows, metric, mode)
-    errors = [f"trial {grid[i].metrics.get('trial_id', i) if grid[i].metrics else i}: {grid[i].error}"
+    errors = [f"trial {rows[i]['trial_id']}: {_error_line(grid[i].error)}"
               for i in range(len(grid)) if grid[i].error is not None]
     title = f"{recipe.name}: {len(rows)} trials, scheduler {recipe.tune.scheduler}"
     csv_path, md_path = write_tables(rows, out, title, best, metric)
