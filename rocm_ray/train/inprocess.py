@@ -118,22 +118,34 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
             samples.add(step, ps, seeds, res.images, res.rewards, res.components, res.sample_divergences)
     wall = time.perf_counter() - t_start
     log.close()
+    return finish_run(recipe, out_dir, policy, scorer, prompts, before, log.rows, samples, wall)
 
+
+def finish_run(recipe: Recipe, out_dir: Path, policy, scorer, prompts: list[str], before: dict,
+               rows: list[dict], samples: SampleLog, wall: float,
+               images_trained: int | None = None) -> RunResult:
+    """Everything after the last step, shared by the in-process and the Ray trainers: evaluate the trained
+    policy, then write samples, weights, curves, the before/after grid and the summary.
+
+    ``images_trained`` (default ``train.steps * train.batch_size``) and ``wall`` give the throughput.
+    """
+    t = recipe.train
     after = evaluate_before_after(recipe, policy, scorer, prompts, reference=False)
     samples.add(t.steps, after["prompts"], after["seeds"], after["images"],
                 score_images(scorer, after["images"], after["prompts"]), {}, None)
     save_policy_weights(policy, out_dir / "weights")
-    plot_curves(log.rows, out_dir / "curves.png", f"{recipe.name}: {recipe.algorithm.regularizer} "
+    plot_curves(rows, out_dir / "curves.png", f"{recipe.name}: {recipe.algorithm.regularizer} "
                 f"beta={recipe.algorithm.beta}")
     save_before_after(before["images"], after["images"], recipe.data.eval_seeds,
                       list(dict.fromkeys(before["prompts"])), out_dir / "grid.png")
+    images = t.steps * t.batch_size if images_trained is None else images_trained
     summary = {"name": recipe.name, "steps": t.steps, "regularizer": recipe.algorithm.regularizer,
                "beta": recipe.algorithm.beta, "wall_time_s": round(wall, 1),
-               "images_per_s": round(t.steps * t.batch_size / wall, 2)}
+               "images_per_s": round(images / wall, 2) if wall > 0 else 0.0}
     for key in ("reward", "judge_accuracy"):
         if key in before:
             summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
     write_summary(out_dir, summary)
     print(f"rocm-ray: wrote {out_dir}/ (metrics.csv, curves.png, grid.png, samples.parquet, weights/, summary.md)",
           flush=True)
-    return RunResult(output_dir=out_dir, metrics=log.rows, summary=summary)
+    return RunResult(output_dir=out_dir, metrics=rows, summary=summary)

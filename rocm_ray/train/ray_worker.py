@@ -1,0 +1,258 @@
+"""The Ray Train loop: one DeepSpeed engine per worker, the reward from the RewardService.
+
+Every worker builds the same policy as the in-process trainer (``torch.manual_seed(train.seed)`` then
+:func:`build_policy`), takes its contiguous shard of :func:`step_batch` (a pure function of seed and
+step), and runs the shared :func:`rocm_step` with the engine as the policy's forward and
+``engine.backward`` as the backward; DeepSpeed averages (ZeRO 0-2 all-reduce / reduce-scatter, ZeRO-3
+partitions) the gradients, clips and steps. With equal shards the averaged gradient is the gradient of
+the global-batch mean, so W workers compute the same update as one process with the whole batch.
+
+Per step, every worker calls ``ray.train.report`` with the metrics (global means of loss, reward and
+divergence by ``all_reduce``, plus rank 0's own values). Every ``train.checkpoint_every`` steps and at
+the end it also reports a checkpoint: the DeepSpeed engine state (optimizer, ZeRO shards, trainable
+weights), the gathered trainable weights (``trainable.safetensors``), each rank's RNG states, and
+``state.json`` with the step and the metrics so far. A (re)started worker resumes from the newest of
+``ray.train.get_checkpoint()`` (a restart after a failure, or Ray's own restore of the run folder) and
+the ``resume_from`` checkpoint the driver found (``rocm-ray train --resume``).
+
+This function runs in Ray Train worker processes; it lives in an importable module, never __main__.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rocm_ray.train.step import NonFiniteError, rocm_step, shard, step_batch
+
+STATE_FILE = "state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+SAMPLES_FILE = "samples.pt"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:06d}"
+
+
+def read_state(directory: str | Path) -> dict | None:
+    """``state.json`` of a checkpoint folder, or None if it is not a complete checkpoint."""
+    p = Path(directory) / STATE_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _global_means(values: list[float], device: torch.device, world: int) -> list[float]:
+    import torch.distributed as dist
+
+    v = torch.tensor(values, dtype=torch.float64, device=device)  # [M]
+    if world > 1:
+        dist.all_reduce(v, op=dist.ReduceOp.SUM)
+        v /= world
+    return v.cpu().tolist()
+
+
+def _progress(row: dict, total: int, rank0: dict) -> str:
+    divs = " ".join(f"{row[k]:.4g}" for k in sorted(row) if k.startswith("div_step_"))
+    return (f"step {int(row['step']):>4d}/{total} | loss {row['loss']:+.4f} | reward {row['reward']:.4f} | "
+            f"div {row['divergence']:.4g} [{divs}] | grad {row['grad_norm']:.3g} | "
+            f"{row['images_per_s']:.2f} img/s | {row['it_per_s']:.2f} it/s | rank 0 reward "
+            f"{rank0['reward']:.4f}")
+
+
+def _pick_checkpoint(config: dict) -> tuple[Path | None, Any]:
+    """The newest of Ray's checkpoint (restart / run-folder restore) and the driver's ``resume_from``.
+
+    Returns (folder, context manager to keep it available) or (None, None).
+    """
+    import ray.train
+
+    best: tuple[int, Path | None, Any] = (-1, None, None)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        cm = ckpt.as_directory()
+        d = Path(cm.__enter__())
+        state = read_state(d)
+        if state is not None:
+            best = (state["step"], d, cm)
+        else:
+            cm.__exit__(None, None, None)
+    resume_from = config.get("resume_from")
+    if resume_from:
+        state = read_state(resume_from)
+        if state is not None and state["step"] > best[0]:
+            if best[2] is not None:
+                best[2].__exit__(None, None, None)
+            best = (state["step"], Path(resume_from), None)
+    return best[1], best[2]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker entry point. ``config``: recipe, prompts, reward_client, resume_from,
+    deepspeed (config overrides), fail_at_step (tests: raise once at that step when not resumed)."""
+    t_enter = time.perf_counter()
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from rocm_ray._quiet import quiet_library_warnings
+    from rocm_ray.train.builders import build_policy
+    from rocm_ray.train.ds_engine import (
+        build_engine,
+        deepspeed_config,
+        grad_norm,
+        load_engine,
+        save_engine,
+        trainable_state_dict,
+    )
+    from rocm_ray.train.inprocess import metrics_row, step_kwargs
+
+    quiet_library_warnings()
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)  # per-step INFO
+    recipe = config["recipe"]
+    prompts: list[str] = config["prompts"]
+    t = recipe.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if t.use_gpu else torch.device("cpu")
+    if t.batch_size % world:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by the {world} workers")
+
+    t_imports = time.perf_counter()
+    torch.manual_seed(t.seed)  # exactly as train_inprocess: the same LoRA init on every worker
+    policy = build_policy(recipe, device)
+    t_policy = time.perf_counter()
+    ds_cfg = deepspeed_config(t.batch_size // world, t.zero_stage, t.max_grad_norm, config.get("deepspeed"))
+    engine = build_engine(policy.unet, t.lr, tuple(t.adam_betas), t.weight_decay, ds_cfg)
+    t_engine = time.perf_counter()
+    stage = t.zero_stage
+    client = config["reward_client"].for_rank(rank)
+    reward_s = [0.0]
+
+    def reward_fn(images, ps):  # the RewardService round trip, timed
+        t = time.perf_counter()
+        out = client(images, ps)
+        reward_s[0] += time.perf_counter() - t
+        return out
+
+    kwargs = step_kwargs(recipe, device)
+    nodes: list[str] = [""] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+
+    rows: list[dict] = []
+    samples: list[dict] = []
+    timing: list[dict] = []  # rank 0's seconds per step: compute, reward round trip, total with report
+    start = 0
+    ckpt_dir, ckpt_cm = _pick_checkpoint(config)
+    if ckpt_dir is not None:
+        state = read_state(ckpt_dir)
+        if state["world_size"] != world or state["zero_stage"] != stage:
+            raise ValueError(
+                f"cannot resume from {ckpt_dir}: it was written by {state['world_size']} worker(s) at ZeRO "
+                f"stage {state['zero_stage']}, this run has {world} at stage {stage}; resume with the same "
+                "train.num_workers and train.zero_stage (or start afresh without --resume)")
+        load_engine(engine, ckpt_dir)
+        rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        if (ckpt_dir / SAMPLES_FILE).is_file() and rank == 0:
+            samples = torch.load(ckpt_dir / SAMPLES_FILE, weights_only=True)
+        start, rows, timing = int(state["step"]), list(state["metrics"]), list(state.get("timing", []))
+        if rank == 0:
+            print(f"rocm-ray: resumed from {ckpt_dir} at step {start}", flush=True)
+        if ckpt_cm is not None:
+            ckpt_cm.__exit__(None, None, None)
+    elif rank == 0:
+        n = sum(p.numel() for p in policy.trainable_parameters())
+        print(f"rocm-ray[ray]: {recipe.name}: {world} worker(s), ZeRO {stage}, {n:,} trainable parameters, "
+              f"{t.steps} steps x {t.batch_size} images ({t.batch_size // world} per worker)", flush=True)
+    if rank == 0:
+        print(f"rocm-ray[ray]: worker start-up {time.perf_counter() - t_enter:.1f} s (imports "
+              f"{t_imports - t_enter:.1f} s, policy {t_policy - t_imports:.1f} s, DeepSpeed "
+              f"{t_engine - t_policy:.1f} s)", flush=True)
+
+    def save_and_report(step: int, metrics: dict) -> None:
+        from ray.train import Checkpoint
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="rocm_ray_ckpt_") as tmp:
+            d = Path(tmp)
+            save_engine(engine, d)
+            weights = trainable_state_dict(engine)  # collective under ZeRO-3
+            torch.save(_rng_state(), d / f"rng_rank{rank}.pt")
+            if rank == 0:
+                save_file(weights, str(d / WEIGHTS_FILE))
+                torch.save(samples, d / SAMPLES_FILE)
+                state = {"step": step, "world_size": world, "zero_stage": stage, "name": recipe.name,
+                         "worker_nodes": nodes, "metrics": rows, "timing": timing}
+                (d / STATE_FILE).write_text(json.dumps(state))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(step))
+
+    fail_at = config.get("fail_at_step")
+    every = t.checkpoint_every
+    for step in range(start + 1, t.steps + 1):
+        if fail_at is not None and step == fail_at and start == 0:
+            raise RuntimeError(f"injected failure at step {step} (test hook fail_at_step)")
+        t0 = time.perf_counter()
+        reward_s[0] = 0.0
+        ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
+        ps, seeds = shard(ps, rank, world), shard(seeds, rank, world)
+        res = rocm_step(policy, ps, seeds, reward_fn, eps_fn=policy.eps_fn(engine), backward=engine.backward,
+                        **kwargs)
+        gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
+        engine.step()
+        gn = gn if gn is not None else grad_norm(engine)
+        if not math.isfinite(gn):
+            raise NonFiniteError(f"step {step}: gradient norm is {gn}; lower train.lr or algorithm.beta")
+        local = metrics_row(step, res, gn, 1.0, t.batch_size, t.lr)  # this worker's shard
+        keys = [k for k in local if k not in ("step", "grad_norm", "images_per_s", "it_per_s", "lr")]
+        means = _global_means([float(local[k]) for k in keys], device, world)
+        dt = time.perf_counter() - t0
+        row = {**local, **dict(zip(keys, means, strict=True)), "images_per_s": t.batch_size / dt,
+               "it_per_s": 1.0 / dt}
+        rows.append(row)
+        if recipe.logging.sample_every and step % recipe.logging.sample_every == 0 and step != t.steps \
+                and rank == 0:
+            samples.append({"step": step, "prompts": ps, "seeds": seeds, "images": res.images,
+                            "rewards": res.rewards, "components": res.components,
+                            "divergences": res.sample_divergences})
+        if rank == 0 and (step % recipe.logging.log_every == 0 or step == t.steps):
+            print(_progress(row, t.steps, local), flush=True)
+        metrics = {**row, "rank0_loss": local["loss"], "rank0_reward": local["reward"],
+                   "rank0_divergence": local["divergence"], "world_size": world}
+        timing.append({"step": step, "compute_s": dt, "reward_s": reward_s[0]})
+        if step == t.steps or (every and step % every == 0):
+            save_and_report(step, metrics)
+        else:
+            ray.train.report(metrics)
+        timing[-1]["total_s"] = time.perf_counter() - t0  # with the report (and checkpoint)
+    if start >= t.steps and rank == 0:
+        print(f"rocm-ray: nothing to do, the checkpoint is already at step {start} of {t.steps}", flush=True)
