@@ -1022,6 +1022,8 @@ def test_registry_names_and_errors():
         "aesthetic",
         "jpeg_compressibility",
         "jpeg_incompressibility",
+        "toy_brightness",
+        "toy_redness",
     }
     with pytest.raises(ValueError, match="unknown reward 'hps'.*hpsv2"):
         build_scorer("hps")
