@@ -19,6 +19,7 @@ def two_nodes():
     from ray.cluster_utils import Cluster
 
     from rocm_ray.train.ray_logging import SETUP_HOOK
+    from rocm_ray.train.ray_trainer import _is_ray_process
 
     if ray.is_initialized():
         ray.shutdown()
@@ -36,9 +37,14 @@ def two_nodes():
     try:
         yield ray, cluster.head_node.node_id, reward_node.node_id
     finally:
+        import psutil
+
+        procs = [p for p in psutil.Process().children(recursive=True) if _is_ray_process(p)]
         ray.shutdown()
         cluster.shutdown()
         mp.undo()
+        for p in psutil.wait_procs(procs, timeout=5)[1]:  # what outlived the shutdown (only our own)
+            p.kill()
 
 
 def test_reward_on_the_reward_node_trainers_on_the_other(two_nodes, tmp_path):

@@ -31,14 +31,14 @@ ZERO3_PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold
 @pytest.fixture(scope="module")
 def ray_local():
     ray = pytest.importorskip("ray")
-    from rocm_ray.train.ray_trainer import local_ray_options
+    from rocm_ray.train.ray_trainer import local_ray_options, stop_local_ray
 
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=4, **local_ray_options())
     yield ray
     if started:
-        ray.shutdown()
+        stop_local_ray()
 
 
 # ------------------------------------------------------------------------------------------ RewardService
@@ -192,6 +192,10 @@ def losses(res) -> np.ndarray:
     return np.array([r["loss"] for r in res.metrics])
 
 
+def column(res, key: str) -> np.ndarray:
+    return np.array([r[key] for r in res.metrics])
+
+
 @pytest.fixture(scope="module")
 def inprocess(tmp_path_factory):
     out = tmp_path_factory.mktemp("inproc")
@@ -236,6 +240,9 @@ def test_two_workers_match_one_worker_despite_a_killed_reward_replica(runs):
     print(f"2 workers ZeRO 0 vs 1 worker: max |loss diff| = {err:.3g}")
     assert len(res.metrics) == STEPS + 1
     assert err <= TOL_ZERO
+    # the global (all-reduced) gradient norm and the global means, not rank 0's shard
+    for key in ("grad_norm", "reward", "divergence"):
+        assert np.abs(column(res, key)[:STEPS] - column(runs("w1_z0"), key)).max() <= 1e-5, key
 
 
 @pytest.mark.parametrize("key", ["w2_z2_fail", "w2_z3"])
@@ -246,6 +253,8 @@ def test_zero_stages_match_zero0(runs, key):
     print(f"{key} vs ZeRO 0 (2 workers): max |loss diff| = {err:.3g}")
     assert len(got) == STEPS
     assert err <= TOL_ZERO
+    gn = np.abs(column(runs(key), "grad_norm") - column(runs("w2_z0"), "grad_norm")[:STEPS]).max()
+    assert gn <= 1e-5
 
 
 def test_restart_after_failure_equals_uninterrupted(runs):

@@ -18,7 +18,17 @@ def quiet_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+# Ray Train V2 controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default: 2 s), and
+# a worker's ray.train.report blocks until the controller has taken its previous report (a queue of one):
+# reporting every step would make every step shorter than the interval last the interval (measured: a
+# 0.2 s tiny step took 2.0 s). 0.1 s keeps the per-step report nearly free for the polling cost of
+# 10 cheap calls per second per worker.
+POLL_INTERVAL_S = "0.1"
+
+
 def quiet_ray_train() -> None:
-    """Ray Train V2 settings for readable logs, set in the driver before the TorchTrainer is built (Ray Train
-    propagates them to its processes): plain ``print`` (its print patch doubles every line on the driver)."""
+    """Ray Train V2 settings, set in the driver before the TorchTrainer is built (Ray Train propagates them
+    to its processes); values already in the environment win: plain ``print`` (the print patch doubles every
+    line on the driver) and a 0.1 s controller poll (per-step reports stay cheap, see POLL_INTERVAL_S)."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S)

@@ -77,6 +77,44 @@ def local_ray_options() -> dict[str, Any]:
             "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
 
 
+def stop_local_ray(grace_s: float = 5.0) -> None:
+    """``ray.shutdown()`` of a Ray this process started, then end whatever of it outlived the shutdown.
+
+    Only this process's own Ray descendants are touched (raylet, GCS, workers); a Ray Train V2 controller
+    process has been seen to hang at exit after its core worker shut down (a sleeping non-daemon thread),
+    orphaned once the raylet is gone.
+    """
+    import ray
+
+    try:
+        import psutil
+
+        procs = [p for p in psutil.Process().children(recursive=True) if _is_ray_process(p)]
+    except Exception:  # noqa: BLE001 - cleanup is best effort
+        procs = []
+    ray.shutdown()
+    if not procs:
+        return
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+_RAY_PROCESS_MARKS = ("ray::", "/raylet", "/gcs_server", "site-packages/ray/", "ray.util.client.server")
+
+
+def _is_ray_process(p) -> bool:
+    """Whether a process is part of a Ray node (workers, raylet, GCS, dashboard, agents, monitors)."""
+    try:
+        cmd = " ".join(p.cmdline())
+    except Exception:  # noqa: BLE001 - gone or not ours to read
+        return False
+    return any(m in cmd for m in _RAY_PROCESS_MARKS)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint (``state.json`` present) with the highest step under ``run_dir``."""
     best: tuple[int, Path | None] = (-1, None)
@@ -250,4 +288,4 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None,
         if own_service and service is not None:
             service.shutdown()
         if started:
-            ray.shutdown()
+            stop_local_ray()
