@@ -237,7 +237,7 @@ class Budget:
     judge_batch: int = 128
     vae_steps: int = 500
     vae_batch: int = 64
-    teacher_steps: int = 1500
+    teacher_steps: int = 2500
     teacher_batch: int = 128
     distill_steps: int = 900
     distill_batch: int = 96
@@ -248,6 +248,7 @@ class Budget:
     teacher_copies: int = 4  # augmented copies of the train set encoded for teacher/distill latents
     max_images: int = 1_000_000  # cap on images for post-hoc statistics and embeddings (tests: small)
     guidance_sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)  # evaluated besides DEFAULT_GUIDANCE
+    diag_per_digit: int = 20  # teacher diagnostic samples per digit
 
     def scaled(self, scale: float) -> Budget:
         """Every iteration count times ``scale`` (at least 2); tiny scales also shrink batches (tests)."""
@@ -259,7 +260,7 @@ class Budget:
                 setattr(out, name, value if scale >= 0.1 else min(value, 16))
         out.eval_samples = max(2, round(self.eval_samples * min(1.0, scale * 10)))
         if scale < 0.1:
-            out.teacher_copies, out.max_images, out.guidance_sweep = 1, 128, ()
+            out.teacher_copies, out.max_images, out.guidance_sweep, out.diag_per_digit = 1, 128, (), 2
         return out
 
 
@@ -571,12 +572,12 @@ class LatentSet:
 def encode_latent_set(ctx: BuildContext, vae) -> LatentSet:
     """Encode the train set (plus ``teacher_copies - 1`` lightly augmented copies) with the VAE."""
     gen = torch.Generator().manual_seed(ctx.seed * 1000 + 98)
-    xs, ys = [ctx.data.train_images], [ctx.data.train_labels]
+    n = ctx.budget.max_images
+    x_train, y_train = ctx.data.train_images[:n], ctx.data.train_labels[:n]
+    xs, ys = [x_train], [y_train]
     for _ in range(ctx.budget.teacher_copies - 1):
-        xs.append(
-            augment(ctx.data.train_images, gen, shift=1.0, rotate_deg=5, thickness=0.5, blur=0.0, noise=0.0)
-        )
-        ys.append(ctx.data.train_labels)
+        xs.append(augment(x_train, gen, shift=1.0, rotate_deg=5, thickness=0.5, blur=0.0, noise=0.0))
+        ys.append(y_train)
     x, y = torch.cat(xs), torch.cat(ys)  # [N, 3, 32, 32], [N]
     styles = image_styles(x, y, ctx.data.mass_thresholds)
     means, stds = [], []
@@ -669,7 +670,9 @@ def train_teacher(ctx: BuildContext) -> Path:
     train_loop(ctx, stage, b.teacher_steps, {"unet": unet, "ema": ema}, opt, gen, step_fn, base_lr=1e-3)
     ema.save_pretrained(ctx.work / "teacher")
     if (ctx.out / "judge").is_dir():
-        ctx.info["teacher_ddim_judge_accuracy"] = teacher_judge_accuracy(ctx, ema.eval(), vae, table)
+        ctx.info["teacher_ddim_judge_accuracy"] = teacher_judge_accuracy(
+            ctx, ema.eval(), vae, table, per_digit=b.diag_per_digit
+        )
     return ctx.work / "teacher"
 
 
@@ -846,7 +849,14 @@ def distill_lcm(ctx: BuildContext) -> Path:
     )
     pipe = build_pipeline(ctx, target, vae)
     pipe.save_pretrained(ctx.out / "lcm")
+    copy_slow_tokenizer_files(ctx.work / "tokenizer", ctx.out / "lcm" / "tokenizer")
     return ctx.out / "lcm"
+
+
+def copy_slow_tokenizer_files(src: Path, dst: Path) -> None:
+    """Add ``vocab.json`` + ``merges.txt`` beside ``tokenizer.json``, so transformers 4.x loads it too."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(src / name, dst / name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -964,6 +974,7 @@ def train_clip(ctx: BuildContext) -> Path:
     log(stage, f"held-out retrieval accuracy (10 prompts): {acc:.4f}")
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    copy_slow_tokenizer_files(ctx.work / "clip_tokenizer", out)
     CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": IMAGE_SIZE},
@@ -1127,6 +1138,47 @@ def save_grid(images: torch.Tensor, rows: int, path: str | Path, upscale: int = 
     Image.fromarray(arr).save(path)
 
 
+@torch.no_grad()
+def base_model_stats(pipe, judge, clip, tokenizer, head, samples: int) -> dict:
+    """What the shipped LCM gives before any fine-tuning, at ``DEFAULT_GUIDANCE`` and 4 steps.
+
+    Per style word ("", "thick", "thin"): the mean ink mass of the samples and the judge's accuracy; for
+    the plain prompts also the rewards the trainer starts from: CLIP score (100 cos, as ``clip_score``)
+    and the aesthetic head's score.
+    """
+    from rocm_ray.models.judge import judge_predict
+
+    stats: dict = {}
+    seeds = range(1000, 1000 + samples)  # seeds disjoint from the gate's
+    for style in STYLES:
+        imgs, labels, prompts = [], [], []
+        for d in range(10):
+            prompt = make_prompt(d, style)
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            out = pipe(
+                [prompt] * len(gens),
+                num_inference_steps=DEFAULT_STEPS,
+                guidance_scale=DEFAULT_GUIDANCE,
+                generator=gens,
+                output_type="pt",
+            )
+            imgs.append(out.images)
+            labels += [d] * len(gens)
+            prompts += [prompt] * len(gens)
+        x = torch.cat(imgs)  # [10 * samples, 3, 32, 32]
+        entry = {
+            "ink_mass": ink_mass(x).mean().item(),
+            "judge_accuracy": (judge_predict(judge, x) == torch.tensor(labels)).float().mean().item(),
+        }
+        if style == "":
+            img_f = image_features(clip, x)  # [B, D]
+            txt_f = text_features(clip, tokenizer, prompts)  # [B, D]
+            entry["clip_score"] = (100 * (img_f * txt_f).sum(-1)).mean().item()
+            entry["aesthetic"] = head(img_f).mean().item()
+        stats[style or "plain"] = entry
+    return stats
+
+
 def evaluate(
     ctx: BuildContext, grid: str | Path | None = None, guidances: Sequence[float] | None = None
 ) -> dict:
@@ -1204,6 +1256,7 @@ def evaluate(
         "passed": sweep[str(DEFAULT_GUIDANCE)]["mean"] >= 0.80 and metrics["judge_test_accuracy"] >= 0.95,
         "sweep": sweep,
     }
+    metrics["base_model"] = base_model_stats(pipe, judge, clip, ctok, head, samples)
     if grid is not None:
         imgs = torch.cat(
             [generate(pipe, d, range(8), DEFAULT_GUIDANCE) for d in range(10)]
