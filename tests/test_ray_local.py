@@ -149,7 +149,7 @@ def runs(tmp_path_factory, ray_local, service):
     root = tmp_path_factory.mktemp("ray_runs")
     cache: dict = {}
     specs = {  # key: (run folder, overrides, train_ray keywords)
-        "w1_z0": ("w1_z0", ["train.num_workers=1", "train.zero_stage=0"], {}),
+        "w1_z0": ("w1_z0", ["train.num_workers=1", "train.zero_stage=0", "logging.sample_every=2"], {}),
         # one step more than the others: the reference of the --resume run
         "w2_z0": ("w2_z0", ["train.zero_stage=0", f"train.steps={STEPS + 1}"], {}),
         # every worker raises at step 3; Ray Train restarts them from the step-2 checkpoint
@@ -199,7 +199,8 @@ def column(res, key: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def inprocess(tmp_path_factory):
     out = tmp_path_factory.mktemp("inproc")
-    recipe = load_recipe("recipes/tiny_debug.yaml", [f"train.output_dir={out}", f"train.steps={STEPS}"])
+    recipe = load_recipe("recipes/tiny_debug.yaml", [f"train.output_dir={out}", f"train.steps={STEPS}",
+                                                     "logging.sample_every=2"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like a Ray worker with 1 CPU
     try:
@@ -229,6 +230,13 @@ def test_ray_outputs_match_inprocess_layout(runs, inprocess):
     with (out / "metrics.csv").open() as f, (inprocess.output_dir / "metrics.csv").open() as g:
         assert next(csv.reader(f)) == next(csv.reader(g))
     assert set(res.summary) == set(inprocess.summary)
+    import pyarrow.parquet as pq
+
+    ray_samples = pq.read_table(out / "samples.parquet").to_pylist()
+    in_samples = pq.read_table(inprocess.output_dir / "samples.parquet").to_pylist()
+    steps = sorted({r["step"] for r in ray_samples})
+    assert steps == sorted({r["step"] for r in in_samples}) == [0, 2, STEPS]
+    assert {k for r in ray_samples for k in r} == {k for r in in_samples for k in r}
     assert res.summary["reward_before"] == pytest.approx(inprocess.summary["reward_before"], abs=1e-6)
     assert res.summary["reward_after"] == pytest.approx(inprocess.summary["reward_after"], abs=1e-5)
 

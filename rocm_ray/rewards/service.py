@@ -229,9 +229,11 @@ class RewardService:
         threads = max(1, int(num_cpus)) if num_cpus else 1
         self.actors = []
         for i in range(replicas):
+            # scheduling_strategy "DEFAULT": never inside the caller's placement group (a Tune trial's
+            # captures its children): replicas take their own resources, wherever they are
             opts: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}),
                                         max_restarts=max_restarts, max_task_retries=max_task_retries,
-                                        max_concurrency=1000)
+                                        max_concurrency=1000, scheduling_strategy="DEFAULT")
             if name:
                 opts["name"] = f"{name}-{i}"
             self.actors.append(cls.options(**opts).remote(reward, max_batch, batch_wait_ms, gather, threads))

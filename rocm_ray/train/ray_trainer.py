@@ -207,13 +207,15 @@ def _read_final(d: Path) -> tuple[dict, dict, list]:
     return load_file(str(d / WEIGHTS_FILE)), state, samples
 
 
-def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None,
+def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, callbacks: list | None = None,
               deepspeed: dict[str, Any] | None = None, fail_at_step: int | None = None) -> RunResult:
     """Fine-tune with regularized ROCM on Ray Train workers (DeepSpeed) and a RewardService.
 
-    ``service``: an existing :class:`RewardService` to use (Tune trials, tests); else one is started from
-    ``recipe.ray`` and stopped at the end. ``deepspeed``: overrides of the DeepSpeed config (advanced).
-    ``fail_at_step``: test hook, every worker raises once at that step of a run not resumed.
+    ``service``: an existing :class:`RewardService` to use (tests, several runs sharing reward replicas);
+    else one is started from ``recipe.ray`` and stopped at the end. ``callbacks``: Ray Train ``UserCallback``s
+    for the ``RunConfig`` (Tune's ``TuneReportCallback``: every worker report reaches Tune). ``deepspeed``:
+    overrides of the DeepSpeed config (advanced). ``fail_at_step``: test hook, every worker raises once at
+    that step of a run not resumed.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -261,7 +263,8 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None,
                 resources_per_worker={"CPU": r.cpus_per_worker, **r.worker_resources}),
             run_config=RunConfig(name=recipe.name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=t.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 callbacks=list(callbacks or [])),
         )
         start_step = int(read_state(resume_from)["step"]) if resume_from else 0
         t0 = time.perf_counter()
@@ -279,7 +282,8 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None,
         steps_trained = max(t.steps - start_step, 0)
         if t.use_gpu:  # evaluate where the GPUs are, in one worker-sized task
             task = ray.remote(finalize_run).options(num_cpus=r.cpus_per_worker, num_gpus=1,
-                                                    resources=dict(r.worker_resources))
+                                                    resources=dict(r.worker_resources),
+                                                    scheduling_strategy="DEFAULT")
             res = ray.get(task.remote(recipe, out_dir, final, prompts, client, wall, steps_trained))
         else:
             res = finalize_run(recipe, out_dir, final, prompts, client, wall, steps_trained)

@@ -20,6 +20,7 @@ This function runs in Ray Train worker processes; it lives in an importable modu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -87,31 +88,48 @@ def _progress(row: dict, total: int, rank0: dict) -> str:
             f"{rank0['reward']:.4f}")
 
 
-def _pick_checkpoint(config: dict) -> tuple[Path | None, Any]:
+def _pick_checkpoint(config: dict, stack: contextlib.ExitStack) -> Path | None:
     """The newest of Ray's checkpoint (restart / run-folder restore) and the driver's ``resume_from``.
 
-    Returns (folder, context manager to keep it available) or (None, None).
+    Ray's checkpoint folder stays available until ``stack`` closes. The same answer on every rank.
     """
     import ray.train
 
-    best: tuple[int, Path | None, Any] = (-1, None, None)
+    best_step, best = -1, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
-        cm = ckpt.as_directory()
-        d = Path(cm.__enter__())
+        d = Path(stack.enter_context(ckpt.as_directory()))
         state = read_state(d)
         if state is not None:
-            best = (state["step"], d, cm)
-        else:
-            cm.__exit__(None, None, None)
+            best_step, best = int(state["step"]), d
     resume_from = config.get("resume_from")
     if resume_from:
         state = read_state(resume_from)
-        if state is not None and state["step"] > best[0]:
-            if best[2] is not None:
-                best[2].__exit__(None, None, None)
-            best = (state["step"], Path(resume_from), None)
-    return best[1], best[2]
+        if state is not None and int(state["step"]) > best_step:
+            best = Path(resume_from)
+    return best
+
+
+def _restore(engine, ckpt_dir: Path, rank: int, world: int, stage: int) -> tuple:
+    """Load a checkpoint into ``engine`` and this rank's RNGs; returns (step, rows, samples, timing)."""
+    from rocm_ray.train.ds_engine import load_engine
+
+    state = read_state(ckpt_dir)
+    if state["world_size"] != world or state["zero_stage"] != stage:
+        raise ValueError(
+            f"cannot resume from {ckpt_dir}: it was written by {state['world_size']} worker(s) at ZeRO "
+            f"stage {state['zero_stage']}, this run has {world} at stage {stage}; resume with the same "
+            "train.num_workers and train.zero_stage (or start afresh without --resume)")
+    load_engine(engine, ckpt_dir)
+    rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    samples = []
+    if rank == 0 and (ckpt_dir / SAMPLES_FILE).is_file():
+        samples = torch.load(ckpt_dir / SAMPLES_FILE, weights_only=True)
+    if rank == 0:
+        print(f"rocm-ray: resumed from {ckpt_dir} at step {state['step']}", flush=True)
+    return int(state["step"]), list(state["metrics"]), samples, list(state.get("timing", []))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -128,7 +146,6 @@ def train_loop_per_worker(config: dict) -> None:
         build_engine,
         deepspeed_config,
         grad_norm,
-        load_engine,
         save_engine,
         trainable_state_dict,
     )
@@ -157,9 +174,9 @@ def train_loop_per_worker(config: dict) -> None:
     reward_s = [0.0]
 
     def reward_fn(images, ps):  # the RewardService round trip, timed
-        t = time.perf_counter()
+        t1 = time.perf_counter()
         out = client(images, ps)
-        reward_s[0] += time.perf_counter() - t
+        reward_s[0] += time.perf_counter() - t1
         return out
 
     kwargs = step_kwargs(recipe, device)
@@ -170,26 +187,11 @@ def train_loop_per_worker(config: dict) -> None:
     samples: list[dict] = []
     timing: list[dict] = []  # rank 0's seconds per step: compute, reward round trip, total with report
     start = 0
-    ckpt_dir, ckpt_cm = _pick_checkpoint(config)
-    if ckpt_dir is not None:
-        state = read_state(ckpt_dir)
-        if state["world_size"] != world or state["zero_stage"] != stage:
-            raise ValueError(
-                f"cannot resume from {ckpt_dir}: it was written by {state['world_size']} worker(s) at ZeRO "
-                f"stage {state['zero_stage']}, this run has {world} at stage {stage}; resume with the same "
-                "train.num_workers and train.zero_stage (or start afresh without --resume)")
-        load_engine(engine, ckpt_dir)
-        rng_file = ckpt_dir / f"rng_rank{rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        if (ckpt_dir / SAMPLES_FILE).is_file() and rank == 0:
-            samples = torch.load(ckpt_dir / SAMPLES_FILE, weights_only=True)
-        start, rows, timing = int(state["step"]), list(state["metrics"]), list(state.get("timing", []))
-        if rank == 0:
-            print(f"rocm-ray: resumed from {ckpt_dir} at step {start}", flush=True)
-        if ckpt_cm is not None:
-            ckpt_cm.__exit__(None, None, None)
-    elif rank == 0:
+    with contextlib.ExitStack() as stack:
+        ckpt_dir = _pick_checkpoint(config, stack)
+        if ckpt_dir is not None:
+            start, rows, samples, timing = _restore(engine, ckpt_dir, rank, world, stage)
+    if ckpt_dir is None and rank == 0:
         n = sum(p.numel() for p in policy.trainable_parameters())
         print(f"rocm-ray[ray]: {recipe.name}: {world} worker(s), ZeRO {stage}, {n:,} trainable parameters, "
               f"{t.steps} steps x {t.batch_size} images ({t.batch_size // world} per worker)", flush=True)
