@@ -132,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
+        from rocm_ray.rewards.service import RewardServiceUnavailable
+
+        bad_input += (RewardServiceUnavailable,)
+    except ImportError:
+        pass
+    try:
         return int(args.func(args) or 0)
     except bad_input as e:
         return _fail(str(e))

@@ -40,6 +40,11 @@ RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 @dataclass
+
+class RewardServiceUnavailable(TimeoutError):
+    """The reward replicas could not be placed or started (the message says which resources to check)."""
+
+
 class _Request:
     images: np.ndarray  # [b, 3, H, W] float32
     prompts: list[str]
@@ -255,7 +260,7 @@ class RewardService:
         try:
             return ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(
+            raise RewardServiceUnavailable(
                 f"the RewardService's {len(self.actors)} replica(s) did not start within {timeout_s:.0f} s: "
                 "the cluster may lack the resources they ask for (ray.reward_num_gpus / "
                 "ray.reward_num_cpus / ray.reward_resources); see `ray status`") from None
