@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
     bad_input: tuple[type[BaseException], ...] = (RecipeError, ModelLoadError)
     try:
-        from rocm_ray.rewards import RewardModelLoadError, RewardModelNotFoundError
+        from rocm_ray.rewards.base import RewardModelLoadError, RewardModelNotFoundError, RewardServiceUnavailable
 
-        bad_input += (RewardModelNotFoundError, RewardModelLoadError)
+        bad_input += (RewardModelNotFoundError, RewardModelLoadError, RewardServiceUnavailable)
     except ImportError:
         pass
     try:
@@ -131,12 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         bad_input += (UseError,)
     except ImportError:
         pass
-    try:
-        from rocm_ray.rewards.service import RewardServiceUnavailable
 
-        bad_input += (RewardServiceUnavailable,)
-    except ImportError:
-        pass
     try:
         return int(args.func(args) or 0)
     except bad_input as e:

@@ -55,6 +55,10 @@ class RewardModelNotFoundError(FileNotFoundError):
     """
 
 
+class RewardServiceUnavailable(TimeoutError):
+    """The RewardService replicas could not be placed or started (the message says which resources to check)."""
+
+
 class RewardModelLoadError(RuntimeError):
     """A reward model's files exist but cannot be loaded (corrupt, truncated or of another architecture)."""
 

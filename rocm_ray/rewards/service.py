@@ -35,15 +35,12 @@ import torch
 from torch import Tensor
 
 from rocm_ray.config import Recipe, RewardConfig
+from rocm_ray.rewards.base import RewardServiceUnavailable
 
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 @dataclass
-
-class RewardServiceUnavailable(TimeoutError):
-    """The reward replicas could not be placed or started (the message says which resources to check)."""
-
 
 class _Request:
     images: np.ndarray  # [b, 3, H, W] float32
