@@ -99,6 +99,7 @@ class TrainConfig:
     checkpoint_every: int = _f(0, ge=0, help="steps between checkpoints (0 = only at the end)")
     max_failures: int = _f(0, ge=-1, help="Ray Train FailureConfig.max_failures")
     output_dir: str = _f("outputs/{name}", help="where the run writes ({name} = recipe name)")
+    cpu_threads: int | None = _f(None, ge=1, help="torch CPU threads of the in-process trainer (null = torch's)")
 
 
 @dataclass

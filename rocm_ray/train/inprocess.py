@@ -73,6 +73,8 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
     ``on_step(row)`` is called with each step's metrics row (Ray Tune reports through it).
     """
     t = recipe.train
+    if t.cpu_threads is not None:
+        torch.set_num_threads(t.cpu_threads)
     torch.manual_seed(t.seed)
     out_dir = recipe.output_path
     out_dir.mkdir(parents=True, exist_ok=True)
