@@ -40,8 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Busy-waiting OpenMP threads collapse under CPU contention (measured on a shared 2-core machine: 0.7 s/step
-# passive vs 5-20 s/step spinning). Only effective when this module is what first loads torch (the CLI).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# passive vs 5-20 s/step spinning). Set only when this module is what first loads torch (the build CLI);
+# an explicit OMP_WAIT_POLICY in the environment wins.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -1092,16 +1094,15 @@ def load_aesthetic_head(path: str | Path) -> AestheticHead:
 
 @torch.no_grad()
 def generate(
-    pipe, digit: int, seeds: Sequence[int], guidance: float, steps: int = DEFAULT_STEPS
+    pipe, prompts: Sequence[str], seeds: Sequence[int], guidance: float, steps: int = DEFAULT_STEPS
 ) -> torch.Tensor:
-    """Images ``[len(seeds), 3, 32, 32]`` in [0, 1] for "a handwritten digit k", one generator per seed."""
+    """Images ``[len(prompts), 3, 32, 32]`` in [0, 1], one call, one ``torch.Generator(seed)`` per image.
+
+    Per-image generators make each (prompt, seed) image independent of what else is in the batch.
+    """
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     out = pipe(
-        [make_prompt(digit)] * len(seeds),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=gens,
-        output_type="pt",
+        list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt"
     )
     return out.images
 
@@ -1112,7 +1113,7 @@ def gate_accuracy(pipe, judge, samples: int, guidance: float, steps: int = DEFAU
 
     accs = []
     for d in range(10):
-        imgs = generate(pipe, d, range(samples), guidance, steps)
+        imgs = generate(pipe, [make_prompt(d)] * samples, range(samples), guidance, steps)
         accs.append((judge_predict(judge, imgs) == d).float().mean().item())
     return accs
 
@@ -1149,26 +1150,14 @@ def base_model_stats(pipe, judge, clip, tokenizer, head, samples: int) -> dict:
     from rocm_ray.models.judge import judge_predict
 
     stats: dict = {}
-    seeds = range(1000, 1000 + samples)  # seeds disjoint from the gate's
+    labels = torch.arange(10).repeat_interleave(samples)  # [10 * samples]
+    seeds = [1000 + i for i in range(samples)] * 10  # seeds disjoint from the gate's
     for style in STYLES:
-        imgs, labels, prompts = [], [], []
-        for d in range(10):
-            prompt = make_prompt(d, style)
-            gens = [torch.Generator().manual_seed(s) for s in seeds]
-            out = pipe(
-                [prompt] * len(gens),
-                num_inference_steps=DEFAULT_STEPS,
-                guidance_scale=DEFAULT_GUIDANCE,
-                generator=gens,
-                output_type="pt",
-            )
-            imgs.append(out.images)
-            labels += [d] * len(gens)
-            prompts += [prompt] * len(gens)
-        x = torch.cat(imgs)  # [10 * samples, 3, 32, 32]
+        prompts = [make_prompt(int(d), style) for d in labels]
+        x = generate(pipe, prompts, seeds, DEFAULT_GUIDANCE)  # [10 * samples, 3, 32, 32]
         entry = {
             "ink_mass": ink_mass(x).mean().item(),
-            "judge_accuracy": (judge_predict(judge, x) == torch.tensor(labels)).float().mean().item(),
+            "judge_accuracy": (judge_predict(judge, x) == labels).float().mean().item(),
         }
         if style == "":
             img_f = image_features(clip, x)  # [B, D]
@@ -1259,7 +1248,7 @@ def evaluate(
     metrics["base_model"] = base_model_stats(pipe, judge, clip, ctok, head, samples)
     if grid is not None:
         imgs = torch.cat(
-            [generate(pipe, d, range(8), DEFAULT_GUIDANCE) for d in range(10)]
+            [generate(pipe, [make_prompt(d)] * 8, range(8), DEFAULT_GUIDANCE) for d in range(10)]
         )  # [80, 3, 32, 32]
         save_grid(imgs, rows=10, path=grid)
         metrics["grid"] = str(grid)
@@ -1274,15 +1263,24 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _quiet_hf() -> None:
-    """Silence transformers/diffusers progress bars and info logs in the build's output."""
+def _quiet_hf() -> Callable[[], None]:
+    """Silence transformers/diffusers progress bars and info logs; returns a function that restores them."""
     import diffusers
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
+    libs = (transformers.utils.logging, diffusers.utils.logging)
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    for lib in libs:
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+    def restore() -> None:
+        for lib, (verbosity, bars) in zip(libs, saved, strict=True):
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+    return restore
 
 
 def asset_sizes(out: Path) -> dict[str, int]:
@@ -1307,10 +1305,29 @@ def build(
     grid: str | Path | None = None,
     threads: int = 2,
 ) -> dict:
-    """Run the build stages into ``out``; finished stages (``work/<stage>.done``) are skipped on rerun."""
+    """Run the build stages into ``out``; finished stages (``work/<stage>.done``) are skipped on rerun.
+
+    Uses ``threads`` torch threads and quiet Hugging Face logging while it runs, then restores both.
+    """
+    prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    _quiet_hf()
-    out = Path(out)
+    restore_logging = _quiet_hf()
+    try:
+        return _build(Path(out), seed, scale, stages, work, keep_work, grid)
+    finally:
+        torch.set_num_threads(prev_threads)
+        restore_logging()
+
+
+def _build(
+    out: Path,
+    seed: int,
+    scale: float,
+    stages: Sequence[str],
+    work: str | Path | None,
+    keep_work: bool,
+    grid: str | Path | None,
+) -> dict:
     work_dir = Path(work) if work is not None else out / ".build"
     out.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
