@@ -50,6 +50,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
+from rocm_ray.sampling import encode_prompts  # noqa: E402  (prompt embeddings as the LCM pipeline makes them)
+
 IMAGE_SIZE = 32
 LATENT_CHANNELS = 4
 LATENT_SIZE = 8  # VAE downsampling factor 4: 32x32 images <-> 4x8x8 latents
@@ -514,19 +516,6 @@ def build_text_side(ctx: BuildContext) -> tuple:
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     te = CLIPTextModel.from_pretrained(te_dir).eval().requires_grad_(False)
     return tok, te
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
-    """Prompt embeddings exactly as ``LatentConsistencyModelPipeline.encode_prompt`` makes them: [B, L, D]."""
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids  # [B, L]
-    return text_encoder(ids)[0]  # [B, L, D]
 
 
 # ----------------------------------------------------------------------------------------------------
