@@ -92,7 +92,7 @@ def _extra_commands():
     import importlib
 
     out = []
-    for mod in ("rocm_ray.tune", "rocm_ray.use"):
+    for mod in ("rocm_ray.tune", "rocm_ray.use", "rocm_ray.export", "rocm_ray.cluster"):
         try:
             m = importlib.import_module(mod)
         except ImportError:
