@@ -1,6 +1,6 @@
 """``rocm-ray``: the command line.
 
-    rocm-ray train RECIPE [key=value ...] [--resume]
+    rocm-ray train RECIPE [key=value ...] [--resume] [--verbose]
     rocm-ray keys                         every recipe key, its type, default and meaning
     rocm-ray check RECIPE [key=value ...] validate a recipe and print it resolved
     rocm-ray build-tiny --out DIR         rebuild the embedded tiny world from scikit-learn's digits
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", help="recipes/<name>.yaml")
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. algorithm.beta=0.1")
     t.add_argument("--resume", action="store_true", help="resume from the run's latest checkpoint (Ray path)")
+    t.add_argument("--verbose", action="store_true", help="show library warnings, INFO logs and loading bars")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("check", help="validate a recipe and print it with overrides applied")
@@ -112,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from rocm_ray._quiet import quiet_library_warnings
+    from rocm_ray.train.progress import quiet_libraries, set_verbose
 
+    if getattr(args, "verbose", False):
+        set_verbose(True)
+    quiet_libraries()  # unless --verbose: no library warnings / loading bars (train/progress.py)
     quiet_library_warnings()
     from rocm_ray.config import RecipeError
     from rocm_ray.models.policy import ModelLoadError

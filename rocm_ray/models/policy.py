@@ -33,6 +33,9 @@ def load_pipeline(pretrained: str, revision: str | None = None, cache_dir: str |
     """
     from diffusers import LatentConsistencyModelPipeline
 
+    from rocm_ray.train.progress import requiet
+
+    requiet()  # the CLI's quiet run log covers diffusers' loading bars too (train/progress.py)
     if pretrained.startswith("random:"):  # a random-weight toy pipeline built offline (tests, tiny_debug)
         import tempfile
 

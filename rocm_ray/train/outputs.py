@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from rocm_ray.train.progress import Progress, summary_table
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -33,6 +35,7 @@ class MetricsLog:
             with self.path.open() as f:
                 self.rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
         self._t0 = time.perf_counter()
+        self._progress = Progress(total_steps, log_every)
         self._wandb = None
         self._tb = None
         if wandb_project:
@@ -48,11 +51,7 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         self.rows = [r for r in self.rows if r["step"] < row["step"]] + [row]
         step = int(row["step"])
-        if step % self.log_every == 0 or step == self.total:
-            divs = " ".join(f"{row[k]:.4g}" for k in sorted(row) if k.startswith("div_step_"))
-            print(f"step {step:>4d}/{self.total} | loss {row['loss']:+.4f} | reward {row['reward']:.4f} | "
-                  f"div {row['divergence']:.4g} [{divs}] | grad {row['grad_norm']:.3g} | "
-                  f"{row['images_per_s']:.2f} img/s | {row['it_per_s']:.2f} it/s", flush=True)
+        self._progress.update(row)  # a live bar on a terminal, else the periodic line (train/progress.py)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if self._tb is not None:
@@ -74,6 +73,7 @@ class MetricsLog:
 
     def close(self) -> None:
         self.flush()
+        self._progress.close()
         if self._wandb is not None:
             self._wandb.finish()
         if self._tb is not None:
@@ -238,4 +238,4 @@ def write_summary(out_dir: Path, summary: dict) -> None:
         if key in summary:
             lines.append(f"- {key}: {summary[key]}")
     atomic_write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    print(summary_table(summary), flush=True)

@@ -9,13 +9,17 @@ SETUP_HOOK = "rocm_ray.train.ray_logging.quiet_worker"
 
 
 def quiet_worker() -> None:
-    """Ray ``worker_process_setup_hook``: silence Ray Train V2's placement-group cleaner.
+    """Ray ``worker_process_setup_hook``: silence Ray Train V2's placement-group cleaner and, unless
+    ``ROCM_RAY_VERBOSE=1``, third-party library warnings and loading bars (:func:`quiet_libraries`).
 
     The cleaner polls the Ray state API every second; on a Ray started without the dashboard, or on a
     machine running several Ray instances, that API is unavailable and it warns every second. Its own
     job (removing a dead controller's placement group) is unaffected.
     """
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    from rocm_ray.train.progress import quiet_libraries
+
+    quiet_libraries()  # no library warnings / loading bars in the job log unless ROCM_RAY_VERBOSE=1
 
 
 # Ray Train V2 controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default: 2 s), and

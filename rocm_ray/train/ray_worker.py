@@ -81,11 +81,9 @@ def _global_means(values: list[float], device: torch.device, world: int) -> list
 
 
 def _progress(row: dict, total: int, rank0: dict) -> str:
-    divs = " ".join(f"{row[k]:.4g}" for k in sorted(row) if k.startswith("div_step_"))
-    return (f"step {int(row['step']):>4d}/{total} | loss {row['loss']:+.4f} | reward {row['reward']:.4f} | "
-            f"div {row['divergence']:.4g} [{divs}] | grad {row['grad_norm']:.3g} | "
-            f"{row['images_per_s']:.2f} img/s | {row['it_per_s']:.2f} it/s | rank 0 reward "
-            f"{rank0['reward']:.4f}")
+    from rocm_ray.train.progress import format_line
+
+    return format_line(row, total, f"rank 0 reward {rank0['reward']:.4f}")
 
 
 def _pick_checkpoint(config: dict, stack: contextlib.ExitStack) -> Path | None:
