@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         bad_input += (UseError,)
     except ImportError:
         pass
+    from rocm_ray.cluster import ClusterError
+
+    bad_input += (ClusterError,)
 
     try:
         return int(args.func(args) or 0)

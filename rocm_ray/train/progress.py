@@ -63,7 +63,7 @@ def quiet_libraries() -> bool:
     import logging
 
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)  # DeepSpeed warns "Setting accelerator to CPU" per rank
     if "diffusers" in sys.modules:
         import diffusers.utils.logging as dl
 

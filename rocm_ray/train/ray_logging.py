@@ -19,7 +19,23 @@ def quiet_worker() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     from rocm_ray.train.progress import quiet_libraries
 
-    quiet_libraries()  # no library warnings / loading bars in the job log unless ROCM_RAY_VERBOSE=1
+    if quiet_libraries():  # no library warnings / loading bars in the job log unless ROCM_RAY_VERBOSE=1
+        quiet_train_reports()
+
+
+# Ray Train V2 INFO lines printed on every report ("Reporting training result N: TrainingReport(...)", the
+# whole metrics dict, per worker) and checkpoint; the first logger is named after its file's path.
+_REPORT_LOGGERS = ("train/v2/_internal/execution/context.py", "ray.train.v2._internal.execution.storage",
+                   "ray.train._internal.storage")
+
+
+def quiet_train_reports() -> None:
+    """Drop Ray Train's per-report INFO lines (rocm_ray prints its own progress line per step)."""
+    import ray
+
+    root = os.path.dirname(ray.__file__)
+    for name in _REPORT_LOGGERS:
+        logging.getLogger(os.path.join(root, name) if name.endswith(".py") else name).setLevel(logging.WARNING)
 
 
 # Ray Train V2 controller polls the workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default: 2 s), and
