@@ -1176,3 +1176,39 @@ def test_imagereward_layout_infers_blip_vit_l_and_bert_base():
     )
     assert (tc.encoder_hidden_size, tc.intermediate_size, tc.max_position_embeddings) == (1024, 3072, 512)
     assert set(head) == {"layers.0.weight"} and "embeddings.position_ids" not in text
+
+
+# ---------------------------------------------------------------------- prompt clean-up (open_clip / HPS)
+
+DIRTY_PROMPTS = {  # as typed / scraped -> what open_clip's tokenizer sees after ftfy + html.unescape + whitespace
+    "rock &amp; roll poster": "rock & roll poster",
+    "a sign that says “open”": 'a sign that says "open"',
+    "a ﬁsh in a bowl": "a fish in a bowl",
+    "  A  Cat\n on a   MAT ": "a cat on a mat",
+    "caf&eacute; at night": "café at night",
+}
+
+
+def test_open_clip_clean_matches_open_clips_rules():
+    from rocm_ray.rewards.text import open_clip_clean
+
+    for dirty, clean in DIRTY_PROMPTS.items():
+        assert open_clip_clean(dirty) == clean, dirty
+    assert open_clip_clean("&amp;amp;") == "&"  # open_clip unescapes twice
+
+
+def test_hps_tokenizes_dirty_prompts_as_the_official_scorer(hps_checkpoint, clip_tok):
+    """HPS token ids (and text features) of a dirty prompt equal those of its cleaned form, while the bare
+    transformers tokenizer (no ftfy / HTML unescape) tokenizes them differently."""
+    folder, cfg, _, _ = hps_checkpoint
+    scorer = build_scorer("hpsv2", path=str(folder), tokenizer_path=str(clip_tok), model_config=cfg)
+    dirty, clean = list(DIRTY_PROMPTS), list(DIRTY_PROMPTS.values())
+    assert torch.equal(scorer.tokenize(dirty), scorer.tokenize(clean))
+
+    def bare(p):
+        return scorer.tokenizer(p, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+
+    differs = [d for d, c in DIRTY_PROMPTS.items() if not torch.equal(bare([d]), bare([c]))]
+    assert set(differs) >= {"rock &amp; roll poster", "a sign that says “open”", "a ﬁsh in a bowl"}, differs
+    with torch.no_grad():
+        assert torch.equal(scorer.text_features(dirty), scorer.text_features(clean))

@@ -381,15 +381,22 @@ class HPSScorer(nn.Module):
 
     def text_features(self, prompts: Sequence[str]) -> Tensor:
         """Unit-norm text embeddings ``[B, D]`` (open_clip: causal text tower, EOT pooling)."""
-        tokens = self.tokenizer(
-            list(prompts),
+        tokens = self.tokenize(prompts)
+        pooled = self.model.text_model(input_ids=tokens).pooler_output  # [B, W]
+        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)  # [B, D]
+
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        """Token ids ``[B, context_length]`` as open_clip's tokenizer gives them: the prompts are cleaned
+        like open_clip does before its BPE (ftfy, HTML unescape, whitespace, lower case; rewards/text.py)."""
+        from rocm_ray.rewards.text import open_clip_clean_all
+
+        return self.tokenizer(
+            open_clip_clean_all(prompts),
             padding="max_length",
             truncation=True,
             max_length=self.context_length,
             return_tensors="pt",
-        ).to(self.device)
-        pooled = self.model.text_model(input_ids=tokens.input_ids).pooler_output  # [B, W]
-        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)  # [B, D]
+        ).input_ids.to(self.device)  # [B, context_length]
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """HPS ``[B]``: the cosine of the normalized image and prompt features, float32."""
