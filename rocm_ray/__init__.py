@@ -4,7 +4,7 @@ The Python API (see docs/api.md)::
 
     import rocm_ray
 
-    pipe = rocm_ray.load_pipeline("random:0")                     # or a folder / HF id / "embedded:tiny"
+    pipe = rocm_ray.load_pipeline("random:0")          # or a folder / HF id / "embedded:tiny/lcm"
     images = rocm_ray.sample(pipe, ["a digit 3"], num_inference_steps=4, guidance_scale=8.0, seed=0)
     d = rocm_ray.gaussian_divergence("kl", mean_p, mean_q, var, reduction="sum")
     scorer = rocm_ray.build_scorer("toy_brightness")
@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     "sample_trajectory": "rocm_ray.sampling",
     "draw_noise": "rocm_ray.sampling",
     "encode_prompts": "rocm_ray.sampling",
+    "latent_shape": "rocm_ray.sampling",
+    "unet_eps_fn": "rocm_ray.sampling",
     "Trajectory": "rocm_ray.sampling",
     "StepKernel": "rocm_ray.sampling",
     "gaussian_divergence": "rocm_ray.divergences",
@@ -41,7 +43,10 @@ _EXPORTS: dict[str, str] = {
     "RewardMixture": "rocm_ray.rewards.base",
     "build_scorer": "rocm_ray.rewards.base",
     "available_scorers": "rocm_ray.rewards.base",
+    "score_with_grad": "rocm_ray.rewards.gradient",
     "load_pipeline": "rocm_ray.models.policy",
+    "make_policy": "rocm_ray.models.policy",
+    "Policy": "rocm_ray.models.policy",
     "load_model": "rocm_ray.loading",
     "train": "rocm_ray.api",  # resolved to the callable subpackage rocm_ray.train (see __getattr__)
     "RunResult": "rocm_ray.train.inprocess",
@@ -55,9 +60,19 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; never executed
     from rocm_ray.divergences import DIVERGENCES, gaussian_divergence  # noqa: F401
     from rocm_ray.loading import load_model  # noqa: F401
     from rocm_ray.loss import RocmLoss, rocm_loss, step_divergences  # noqa: F401
-    from rocm_ray.models.policy import load_pipeline  # noqa: F401
+    from rocm_ray.models.policy import Policy, load_pipeline, make_policy  # noqa: F401
     from rocm_ray.rewards.base import RewardMixture, RewardScorer, available_scorers, build_scorer  # noqa: F401
-    from rocm_ray.sampling import StepKernel, Trajectory, draw_noise, encode_prompts, sample, sample_trajectory  # noqa: F401
+    from rocm_ray.rewards.gradient import score_with_grad  # noqa: F401
+    from rocm_ray.sampling import (  # noqa: F401
+        StepKernel,
+        Trajectory,
+        draw_noise,
+        encode_prompts,
+        latent_shape,
+        sample,
+        sample_trajectory,
+        unet_eps_fn,
+    )
     from rocm_ray.train.inprocess import RunResult  # noqa: F401
 
 
