@@ -255,9 +255,9 @@ def export_run(run: str | Path, out: str | Path, merge: bool = False, force: boo
                 "base_model": src.base, "base_options": src.base_options,
                 "base_in_folder": (tmp / EXPORT_BASE).is_dir(), "verify": verify,
                 "recipe": src.recipe, "summary": src.summary}
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         if kohya_file:
             info["file"] = kohya_file
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(src, kind, out, verify, (tmp / EXPORT_BASE).is_dir(), kohya_file))
         _finalize(tmp, out, force)
     except BaseException:
@@ -344,6 +344,9 @@ def model_card(src: ModelSource, kind: str, out: Path, verify: dict[str, float],
                       "`models/loras/` or A1111/Forge's `models/Lora/` and use it with the base model above\n",
              "merged": f"{parts} (`save_pretrained`) with the LoRA fused\n",
              "full": f"{parts} (`save_pretrained`) with the fine-tuned UNet\n"}[kind]
+    sample_src = src.path if kind == "kohya" else folder  # rocm-ray sample reads the run, not a kohya file
+    same_seed = (f"The same seed gives the same image as `rocm-ray sample {sample_src} --prompt \"...\" --seed 0 "
+                 f"--steps {steps}`.")
     reg = (f"`{alg.get('regularizer')}`, beta {alg.get('beta')} ({alg.get('reduction')} reduction, "
            f"terminal step: {alg.get('terminal')})")
     training = (f"{train.get('steps')} steps x {train.get('batch_size')} images, lr {train.get('lr')}, "
@@ -387,7 +390,7 @@ image = pipe("a handwritten digit 7", num_inference_steps={steps}, guidance_scal
              generator=torch.Generator().manual_seed(0)).images[0]
 ```
 
-The same seed gives the same image as `rocm-ray sample {folder} --prompt "..." --seed 0 --steps {steps}`.
+{same_seed}
 
 ## Files
 

@@ -120,6 +120,49 @@ def test_lora_export_loads_in_plain_diffusers(run_dir, tmp_path, capsys):
     assert (ours(out) - ref).abs().max().item() <= 1e-5
 
 
+def test_kohya_export_round_trips_exactly(run_dir, tmp_path):
+    """``--format kohya``: one file in the key layout ComfyUI / A1111 / Forge load; diffusers' own kohya
+    loader reads it back to exactly the run's LoRA tensors, and the base UNet with it loaded gives the run's
+    output. The run's alpha (16) != rank (8): a file with diffusers' default alpha = rank would not."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from rocm_ray.export import from_kohya, to_kohya, unet_probe
+    from rocm_ray.loading import load_model, read_lora
+    from rocm_ray.models.policy import load_pipeline
+
+    out = tmp_path / "kohya"
+    assert main(["export", str(run_dir), "--out", str(out), "--format", "kohya"]) == 0
+    f = out / f"{run_dir.name}.safetensors"
+    with safe_open(str(f), "pt") as h:
+        keys, meta = list(h.keys()), h.metadata()
+        alphas = {k: float(h.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+    modules = {k.split(".")[0] for k in keys}
+    assert all(m.startswith("lora_unet_") and "." not in m for m in modules)
+    assert set(keys) == {f"{m}.{part}" for m in modules for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    assert set(alphas.values()) == {16.0} and meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "16.0"
+    info = json.loads((out / "rocm_ray_export.json").read_text())
+    assert info["kind"] == "kohya" and info["file"] == f.name and info["verify"]["kohya_vs_run"] <= 1e-5
+    assert "models/loras" in (out / "README.md").read_text()
+
+    sd, _ = read_lora(run_dir / "weights" / "lora")
+    ref = convert_unet_state_dict_to_peft(dict(sd))
+    back, back_alpha = from_kohya(f)
+    assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+    assert set(back_alpha.values()) == {16.0} and len(back_alpha) == len(modules)
+
+    want = unet_probe(load_model(run_dir).pipe.unet)
+    base = load_pipeline("random:0")
+    base.load_lora_weights(str(f))
+    assert (unet_probe(base.unet) - want).abs().max().item() <= 1e-5
+    wrong = tmp_path / "alpha_eq_rank.safetensors"  # the control: diffusers' converter's alpha = rank
+    save_file(to_kohya(sd, 8.0), str(wrong))
+    base = load_pipeline("random:0")
+    base.load_lora_weights(str(wrong))
+    assert (unet_probe(base.unet) - want).abs().max().item() > 1e-4
+
+
 def test_merged_export_loads_with_from_pretrained(run_dir, tmp_path):
     from diffusers import LatentConsistencyModelPipeline
 
@@ -231,6 +274,7 @@ def test_diversity_bounds():
     (["eval", "{run}", str(EVAL_DEBUG), "rewards.0.name=nope"], ["rewards.0.name", "unknown reward"]),
     (["export", "{missing}", "--out", "{tmp}/x"], ["no such run or model folder"]),
     (["export", "{run}", "--out", "{tmp}"], ["not empty", "--force"]),
+    (["export", "{run}", "--out", "{tmp}/k", "--format", "kohya", "--merge"], ["--format kohya", "--merge"]),
 ])
 def test_bad_input_exits_2(run_dir, tmp_path, capsys, argv, words):
     (tmp_path / "occupied").write_text("x")
