@@ -180,12 +180,12 @@ def up(state_dir: str | Path | None = None, num_cpus: int | None = None, num_gpu
         if is_running(old):
             return old
         down(state)  # a stale record (machine rebooted, processes killed): clean it up first
-    state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
     temp_dir = state / "ray"
     if len(str(temp_dir)) > 60:
         raise ClusterError(f"--state-dir {state} is too long: Ray's socket paths under it must fit 107 bytes; "
                            "use a short folder such as /tmp/rr")
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
     token_path = state / TOKEN_FILE
     if not token_path.is_file():
         fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -271,10 +271,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if args.resources:
             try:
                 resources = json.loads(args.resources)
-                assert isinstance(resources, dict)
-            except (ValueError, AssertionError):
+            except ValueError:
+                resources = None
+            if not isinstance(resources, dict):
                 raise ClusterError(f"--resources {args.resources!r}: expected a JSON object such as "
-                                   "'{\"reward\": 1}'") from None
+                                   "'{\"reward\": 1}'")
         t0 = time.perf_counter()
         cluster = up(state, args.num_cpus, args.num_gpus, resources)
         print(f"rocm-ray cluster: up ({time.perf_counter() - t0:.1f} s)", flush=True)
@@ -290,9 +291,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return 0
     cluster = read_state(state)
     if cluster is None or not is_running(cluster):
-        where = Path(state or default_state_dir())
-        print(f"rocm-ray cluster: not running ({where}); start it with `rocm-ray cluster up`", flush=True)
-        return 1 if args.action == "status" else 2
+        msg = f"not running ({Path(state or default_state_dir())}); start it with `rocm-ray cluster up`"
+        if args.action == "env":  # `eval "$(rocm-ray cluster env)"` must not eval a message
+            raise ClusterError(f"rocm-ray cluster: {msg}")
+        print(f"rocm-ray cluster: {msg}", flush=True)
+        return 1
     if args.action == "env":
         print(cluster.export_line(), flush=True)
         return 0

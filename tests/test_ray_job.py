@@ -114,3 +114,20 @@ def test_readme_job_submit_trains_and_writes_outputs(cluster, tmp_path):
     assert "step    2/2" in logs and "tiny_ray: summary" in logs, logs
     for noise in ("FutureWarning", "Loading pipeline components", "Reporting training result"):
         assert noise not in logs, f"{noise!r} in the job log:\n{logs}"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["cluster", "up", "--state-dir", "/tmp/" + "x" * 70], ["too long", "--state-dir"]),
+    (["cluster", "up", "--state-dir", "{tmp}/c", "--resources", "[1]"], ["--resources", "JSON object"]),
+    (["cluster", "env", "--state-dir", "{tmp}/c"], ["not running"]),
+])
+def test_cluster_bad_input_exits_2(tmp_path, capsys, argv, words):
+    """Bad input: one line, exit code 2, nothing created."""
+    from rocm_ray.cli import main
+
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    text = (captured.err + captured.out).strip()
+    assert len(text.splitlines()) == 1 and all(w in text for w in words), text
+    assert not (tmp_path / "c").exists() and not Path("/tmp/" + "x" * 70).exists()
