@@ -96,7 +96,7 @@ def _ray_bin() -> str:
     return found
 
 
-def head_env(token_path: Path) -> dict[str, str]:
+def head_env(token_path: Path, dashboard_url: str | None = None) -> dict[str, str]:
     """The environment of ``ray start`` (inherited by every Ray process, job drivers included)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     bin_dir = str(Path(sys.executable).parent)  # job entrypoints find `rocm-ray` and `python` of this install
@@ -105,6 +105,8 @@ def head_env(token_path: Path) -> dict[str, str]:
                # drivers (a job's too) resolve their own IP to loopback; otherwise Ray rewrites 127.0.0.1
                # addresses to the machine's external IP, where this head does not listen
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    if dashboard_url:  # Ray's state / job API clients inside the cluster (Ray Train's placement-group cleaner)
+        env["RAY_API_SERVER_ADDRESS"] = dashboard_url  # find this head, not "multiple active Ray instances"
     return env
 
 
@@ -207,7 +209,8 @@ def up(state_dir: str | Path | None = None, num_cpus: int | None = None, num_gpu
     cluster = LocalCluster(str(state), str(temp_dir), ports, str(token_path), [])
     marks = [str(temp_dir), cluster.gcs_address]
     try:
-        proc = subprocess.run(cmd, env=head_env(token_path), capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, env=head_env(token_path, cluster.dashboard_url), capture_output=True, text=True,
+                              timeout=timeout_s)
     except subprocess.TimeoutExpired:
         stop_processes(marks)
         raise ClusterError(f"`ray start` did not finish within {timeout_s:.0f} s; nothing is left running") from None

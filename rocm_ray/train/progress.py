@@ -41,6 +41,13 @@ def set_verbose(verbose: bool) -> None:
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
 
 
+class _ErrorsOnly:
+    """A logging filter that keeps errors and drops everything below."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 40  # logging.ERROR
+
+
 _QUIET = False  # quiet_libraries() ran in this process (the CLI, a Ray worker's setup hook)
 
 
@@ -63,7 +70,12 @@ def quiet_libraries() -> bool:
     import logging
 
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.ERROR)  # DeepSpeed warns "Setting accelerator to CPU" per rank
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        # DeepSpeed re-sets its logger's level when it is imported (and warns "Setting accelerator to CPU"
+        # on every rank right then); a filter survives that
+        if not any(isinstance(f, _ErrorsOnly) for f in logger.filters):
+            logger.addFilter(_ErrorsOnly())
     if "diffusers" in sys.modules:
         import diffusers.utils.logging as dl
 
