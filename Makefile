@@ -1,6 +1,7 @@
 # rocm_ray: set-up and the two front-door commands.
 #   make demo   install what is missing, then run the main job on the embedded tiny world
 #   make test   install what is missing, then run the whole test suite
+#   make cluster-up / cluster-status / cluster-down   a local Ray head on 127.0.0.1 (rocm-ray cluster ...)
 # On a machine without an NVIDIA GPU the CPU build of torch 2.13.0 is installed first, so no CUDA
 # packages are pulled. Elsewhere, pass TORCH_PIP_ARGS, e.g.
 #   make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
@@ -12,7 +13,7 @@ TORCH_PIP_ARGS ?=
 PIP := $(VENV)/bin/pip
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean cluster-up cluster-status cluster-down
 
 setup: $(VENV)/.installed
 
@@ -35,6 +36,15 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/ray_overhead.py
+
+cluster-up: setup
+	$(BIN)/rocm-ray cluster up
+
+cluster-status: setup
+	$(BIN)/rocm-ray cluster status
+
+cluster-down: setup
+	$(BIN)/rocm-ray cluster down
 
 clean:
 	rm -rf outputs .pytest_cache
