@@ -54,6 +54,7 @@ def cluster(tmp_path_factory):
         left = processes_of([str(state / "ray")])
         assert not left, f"processes of the head still alive after down: {[p.pid for p in left]}"
         assert not state.exists()
+        state.parent.rmdir()
         assert not (home / ".ray").exists(), "the flow touched ~/.ray"
 
 
