@@ -62,6 +62,57 @@ def deepspeed_config(micro_batch: int, zero_stage: int, max_grad_norm: float,
     return cfg
 
 
+MAX_BUCKET = 50_000_000  # elements: the most one ZeRO communication bucket holds (200 MB in fp32)
+
+
+def bucket_size(trainable: int) -> int:
+    """ZeRO bucket elements for ``trainable`` parameters: never larger than what there is to reduce.
+
+    DeepSpeed's defaults (5e8 elements = 1.86 GiB of fp32 reduce buffer per rank at stage 1/2) were
+    sized for billion-parameter models; a LoRA adapter has a few thousand to a few million.
+    """
+    return int(max(1, min(trainable, MAX_BUCKET)))
+
+
+def zero_config(stage: int, trainable: int) -> dict[str, Any]:
+    """``zero_optimization`` of stage ``stage`` with buffers sized from the trainable parameter count."""
+    b = bucket_size(trainable)
+    cfg: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
+        cfg.update(reduce_bucket_size=b, allgather_bucket_size=b)
+    if stage == 3:
+        cfg.update(reduce_bucket_size=b, stage3_prefetch_bucket_size=b, stage3_max_live_parameters=max(b, 10**6),
+                   stage3_max_reuse_distance=max(b, 10**6))
+    return cfg
+
+
+def check_recipe(recipe) -> None:
+    """Refuse DeepSpeed set-ups that cannot work (a RecipeError naming the key and the fix)."""
+    from rocm_ray.config import RecipeError
+
+    t, m = recipe.train, recipe.model
+    if m.lora_rank == 0 and m.dtype != "float32":
+        raise RecipeError(recipe.source, "model.dtype",
+                          f"full fine-tuning (model.lora_rank: 0) with model.dtype {m.dtype} would train a "
+                          f"{m.dtype} copy of the UNet (fp32 engines, no master weights): use model.dtype "
+                          "float32 (train.mixed_precision: bf16 for bf16 compute on GPU) or LoRA")
+    if m.dtype == "float16" and not t.use_gpu and t.num_workers:
+        raise RecipeError(recipe.source, "model.dtype", "float16 weights on CPU workers are not supported by "
+                          "torch's CPU kernels: use float32 or bfloat16")
+
+
+def worker_config(recipe, world: int, policy, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a Ray worker: micro-batches (gradient accumulation), ZeRO sized to the model."""
+    t = recipe.train
+    per_worker = t.batch_size // world
+    micro = t.micro_batch_size or per_worker
+    trainable = sum(p.numel() for p in policy.trainable_parameters())
+    user = dict(overrides or {})
+    zero = {**zero_config(t.zero_stage, trainable), **user.pop("zero_optimization", {})}
+    return deepspeed_config(micro, t.zero_stage, t.max_grad_norm,
+                            {"gradient_accumulation_steps": per_worker // micro, "zero_optimization": zero, **user})
+
+
 def build_engine(unet: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
                  config: dict[str, Any]):
     """A DeepSpeed engine over ``unet`` (trainable = ``requires_grad``) with torch AdamW."""
@@ -103,10 +154,27 @@ def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
     import deepspeed
 
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    if zero_stage(engine) == 3:
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().float().cpu().clone() for n, p in named}
-    return {n: p.detach().float().cpu().clone() for n, p in named}
+    if zero_stage(engine) != 3:
+        return {n: p.detach().float().cpu().clone() for n, p in named}
+    out: dict[str, torch.Tensor] = {}
+    for group in gather_groups(named, MAX_BUCKET):  # a group at a time: one group's full size alive at once
+        with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+            out.update({n: p.detach().float().cpu().clone() for n, p in group})
+    return out
+
+
+def gather_groups(named: list[tuple[str, torch.nn.Parameter]], max_elements: int) -> list[list]:
+    """Consecutive parameters in groups of at most ``max_elements`` (ZeRO-3 full sizes: ``ds_numel``)."""
+    groups: list[list] = [[]]
+    size = 0
+    for n, p in named:
+        k = int(getattr(p, "ds_numel", p.numel()))
+        if groups[-1] and size + k > max_elements:
+            groups.append([])
+            size = 0
+        groups[-1].append((n, p))
+        size += k
+    return [g for g in groups if g]
 
 
 def save_engine(engine, directory: Path) -> None:
