@@ -260,7 +260,7 @@ def _steps_in_csv(out_dir) -> list[int]:
 
 @pytest.fixture(scope="module")
 def killed_run(ray_local, tmp_path_factory):
-    """2 workers, micro-batches of 1 with overlap, a replica that waits 0.6 s for a third request (so a
+    """2 workers, micro-batches of 1 with overlap, a replica that waits 0.3 s for a third request (so a
     request is always waiting in it) and is SIGKILLed mid-request at step 2."""
     from rocm_ray.rewards.service import RewardService
     from rocm_ray.train.ray_trainer import train_ray
@@ -269,7 +269,7 @@ def killed_run(ray_local, tmp_path_factory):
     recipe = load_recipe("recipes/tiny_ray.yaml", [f"train.output_dir={out}", f"train.steps={STEPS}",
                                                    "train.zero_stage=0", "train.micro_batch_size=1",
                                                    "train.checkpoint_every=0", "train.max_failures=0"])
-    svc = RewardService(recipe.reward, replicas=1, num_cpus=1, gather=3, batch_wait_ms=600, max_restarts=3,
+    svc = RewardService(recipe.reward, replicas=1, num_cpus=1, gather=3, batch_wait_ms=300, max_restarts=3,
                         max_task_retries=3)
     svc.wait_ready()
     pid = svc.info()[0]["pid"]

@@ -315,7 +315,10 @@ class PendingReward:
                 if attempt + 1 < c.max_attempts:
                     print(f"rocm-ray: {c.describe(i)} failed ({type(e).__name__}); attempt "
                           f"{attempt + 2}/{c.max_attempts}", flush=True)
-                    time.sleep(c.backoff_s * (2 ** attempt) if len(c._up()) == 0 else 0.0)
+                    # a dead actor's next call queues until Ray restarts it (or fails at once when its
+                    # restarts are exhausted); only an unavailable one (restarting, network) needs a backoff
+                    if isinstance(e, ray.exceptions.ActorUnavailableError) and not c._up():
+                        time.sleep(c.backoff_s * (2 ** attempt))
             if attempt + 1 < c.max_attempts:
                 self._send()
         raise RewardServiceError(
