@@ -225,6 +225,39 @@ def test_micro_batches_accumulate_the_whole_shards_gradient(gloo):
     assert times.sampling > 0 and times.reference > 0 and times.reward_wait > 0 and times.backward > 0
 
 
+def _full_finetune_step(stage: int):
+    from rocm_ray.rewards.service import LocalReward
+    from rocm_ray.train.builders import build_policy
+    from rocm_ray.train.ds_engine import build_engine, partition_reference, trainable_state_dict, worker_config
+    from rocm_ray.train.inprocess import step_kwargs
+    from rocm_ray.train.micro import PhaseClock, micro_batch_step
+    from rocm_ray.train.step import step_batch
+
+    recipe = load_recipe("recipes/tiny_ray.yaml", ["train.num_workers=1", f"train.zero_stage={stage}",
+                                                   "train.batch_size=2", "model.lora_rank=0"])
+    torch.manual_seed(0)
+    policy = build_policy(recipe)
+    cfg = worker_config(recipe, 1, policy, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    engine = build_engine(policy.unet, 1e-3, (0.9, 0.999), 0.0, cfg)
+    ref_engine = partition_reference(policy, cfg)
+    ps, seeds = step_batch(["a 1", "a 7"], 2, 1, 0)
+    res = micro_batch_step(policy, ps, seeds, LocalReward(recipe.reward), engine, None,
+                           PhaseClock(torch.device("cpu")), ref_engine=ref_engine, **step_kwargs(recipe))
+    engine.step()
+    weights = torch.cat([v.flatten() for v in trainable_state_dict(engine).values()])  # [P]
+    return res, weights, policy, ref_engine
+
+
+def test_zero3_full_finetune_partitions_the_reference_too(gloo):
+    res0, w0, _, none = _full_finetune_step(0)
+    res3, w3, policy, ref_engine = _full_finetune_step(3)
+    assert none is None and ref_engine is not None
+    # every reference parameter is a ZeRO-3 partition (its local storage emptied), like the policy's
+    assert all(hasattr(p, "ds_numel") and p.numel() == 0 for p in policy.ref_unet.parameters())
+    assert abs(res3.loss.loss - res0.loss.loss) <= 1e-6
+    assert (w3 - w0).abs().max().item() <= 1e-5  # one AdamW step (lr 1e-3) after the same gradients
+
+
 # ------------------------------------------------------------------------------------- ZeRO sizing, refusals
 
 

@@ -126,6 +126,36 @@ def build_engine(unet: torch.nn.Module, lr: float, betas: tuple[float, float], w
     return engine
 
 
+def partition_reference(policy, config: dict[str, Any]):
+    """Full fine-tuning under ZeRO-3: partition the frozen reference UNet like the policy.
+
+    A second DeepSpeed engine without an optimizer (ZeRO-3 inference) over ``policy.ref_unet``: each rank
+    keeps 1/W of the reference's weights and gathers a module's parameters for its forward (and the
+    backward through it: the divergence's gradient flows through the reference's output into x_n).
+    Calling ``policy.ref_unet`` directly goes through the engine's hooks, so nothing else changes. Keep
+    the returned engine alive for the run. None when there is nothing to partition (LoRA: the reference
+    is the policy's own base weights with the adapter off; ZeRO 0-2: parameters are not partitioned).
+    """
+    if policy.lora or policy.ref_unet is None or int(config["zero_optimization"]["stage"]) != 3:
+        return None
+    avoid_shm_comm_build()
+    import deepspeed
+
+    cfg = {k: v for k, v in config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
+    # release every gathered module after use (no reuse-distance caching: that would keep it whole)
+    cfg["zero_optimization"] = {**cfg["zero_optimization"], "stage3_max_reuse_distance": 0}
+    engine, _, _, _ = deepspeed.initialize(model=policy.ref_unet, config=cfg, dist_init_required=False)
+    return engine
+
+
+def release_reference(ref_engine) -> None:
+    """Re-partition the reference after a backward (ZeRO-3). DeepSpeed 0.19.8 does not release a module
+    without trainable parameters after the backward runs through it (its post-backward hook does not
+    fire), so without this the whole reference would stay gathered from the first backward on."""
+    if ref_engine is not None:
+        ref_engine.optimizer.get_param_coordinator().release_and_reset_all(ref_engine.module)
+
+
 def zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage())
 

@@ -113,14 +113,18 @@ def merge_results(parts: list[StepResult]) -> StepResult:
 
 
 def micro_batch_step(policy: Policy, prompts: list[str], seeds: list[int], reward: Any, engine: Any,
-                     micro: int | None, clock: PhaseClock, overlap: bool = True, **kwargs: Any) -> StepResult:
+                     micro: int | None, clock: PhaseClock, overlap: bool = True, ref_engine: Any = None,
+                     **kwargs: Any) -> StepResult:
     """Sample, score and backpropagate a worker's shard in micro-batches of ``micro`` images.
 
     ``reward``: a :class:`~rocm_ray.rewards.service.RewardClient` or ``LocalReward`` (``submit`` ->
     ``.result()``). ``engine``: the DeepSpeed engine (its forward, backward and accumulation ``step``);
     the caller makes the final ``engine.step()``. ``overlap=False``: the sequential schedule.
+    ``ref_engine``: the ZeRO-3 engine of a partitioned reference (re-partitioned after every backward).
     ``kwargs``: :func:`rocm_ray.train.inprocess.step_kwargs`.
     """
+    from rocm_ray.train.ds_engine import release_reference
+
     micro = micro or len(prompts)
     chunks = [(prompts[i:i + micro], seeds[i:i + micro]) for i in range(0, len(prompts), micro)]
     eps = policy.eps_fn(engine)
@@ -153,6 +157,7 @@ def micro_batch_step(policy: Policy, prompts: list[str], seeds: list[int], rewar
             pending = submit(nxt)
         t0 = clock.now()
         results.append(finish_step(current, r, g, parts, backward=engine.backward, **kwargs))
+        release_reference(ref_engine)
         clock.add("backward", t0)
         if not last:
             t0 = clock.now()

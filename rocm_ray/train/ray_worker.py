@@ -142,7 +142,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     from rocm_ray._quiet import quiet_library_warnings
     from rocm_ray.train.builders import build_policy
-    from rocm_ray.train.ds_engine import build_engine, grad_norm, save_engine, trainable_state_dict, worker_config
+    from rocm_ray.train.ds_engine import (
+        build_engine,
+        grad_norm,
+        partition_reference,
+        save_engine,
+        trainable_state_dict,
+        worker_config,
+    )
     from rocm_ray.train.inprocess import metrics_row, step_kwargs
     from rocm_ray.train.micro import PhaseClock, micro_batch_step, time_gradient_allreduce, worker_reward
 
@@ -163,6 +170,7 @@ def train_loop_per_worker(config: dict) -> None:
     t_policy = time.perf_counter()
     ds_cfg = worker_config(recipe, world, policy, config.get("deepspeed"))
     engine = build_engine(policy.unet, t.lr, tuple(t.adam_betas), t.weight_decay, ds_cfg)
+    ref_engine = partition_reference(policy, ds_cfg)  # ZeRO-3 full fine-tuning: the reference partitioned
     t_engine = time.perf_counter()
     stage = int(ds_cfg["zero_optimization"]["stage"])
     reward = worker_reward(config, rank, device)
@@ -217,7 +225,8 @@ def train_loop_per_worker(config: dict) -> None:
         clock.times = type(clock.times)()
         ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
         ps, seeds = shard(ps, rank, world), shard(seeds, rank, world)
-        res = micro_batch_step(policy, ps, seeds, reward, engine, t.micro_batch_size, clock, **kwargs)
+        res = micro_batch_step(policy, ps, seeds, reward, engine, t.micro_batch_size, clock, ref_engine=ref_engine,
+                               **kwargs)
         gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
         t_opt = clock.now()
         engine.step()
