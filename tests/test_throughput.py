@@ -35,7 +35,7 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=6, **local_ray_options())
+        ray.init(address="local", num_cpus=6, **local_ray_options())  # never a `ray start` head found
     yield ray
     if started:
         stop_local_ray()
@@ -265,6 +265,7 @@ def test_zero_buffers_are_sized_from_the_trainable_parameters():
     from rocm_ray.train.ds_engine import MAX_BUCKET, bucket_size, zero_config
 
     assert bucket_size(5_000) == 5_000  # a LoRA adapter: never a 5e8-element buffer
+    assert bucket_size(37_500_000) == 37_500_000 // 8  # full fine-tuning: a fraction of the model
     assert bucket_size(10**10) == MAX_BUCKET
     z2 = zero_config(2, 5_000)
     assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == 5_000

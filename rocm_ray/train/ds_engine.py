@@ -63,15 +63,20 @@ def deepspeed_config(micro_batch: int, zero_stage: int, max_grad_norm: float,
 
 
 MAX_BUCKET = 50_000_000  # elements: the most one ZeRO communication bucket holds (200 MB in fp32)
+WHOLE_BUCKET = 2_000_000  # up to this many trainable parameters (LoRA adapters) reduce in one bucket
 
 
 def bucket_size(trainable: int) -> int:
     """ZeRO bucket elements for ``trainable`` parameters: never larger than what there is to reduce.
 
     DeepSpeed's defaults (5e8 elements = 1.86 GiB of fp32 reduce buffer per rank at stage 1/2) were
-    sized for billion-parameter models; a LoRA adapter has a few thousand to a few million.
+    sized for billion-parameter models; a LoRA adapter has a few thousand to a few million parameters
+    and reduces in one bucket of exactly its size. Larger models (full fine-tuning) get an eighth of
+    their size (at least 2e6, at most 5e7 elements), so a bucket never rivals the partition it saves.
     """
-    return int(max(1, min(trainable, MAX_BUCKET)))
+    if trainable <= WHOLE_BUCKET:
+        return int(max(1, trainable))
+    return int(min(max(trainable // 8, WHOLE_BUCKET), MAX_BUCKET))
 
 
 def zero_config(stage: int, trainable: int) -> dict[str, Any]:
@@ -81,8 +86,8 @@ def zero_config(stage: int, trainable: int) -> dict[str, Any]:
     if stage in (1, 2):
         cfg.update(reduce_bucket_size=b, allgather_bucket_size=b)
     if stage == 3:
-        cfg.update(reduce_bucket_size=b, stage3_prefetch_bucket_size=b, stage3_max_live_parameters=max(b, 10**6),
-                   stage3_max_reuse_distance=max(b, 10**6))
+        cfg.update(reduce_bucket_size=b, stage3_prefetch_bucket_size=b, stage3_max_live_parameters=b,
+                   stage3_max_reuse_distance=b)
     return cfg
 
 
