@@ -380,3 +380,39 @@ def test_restarts_exhausted_mid_run_stops_with_a_clear_message(ray_local, tmp_pa
     assert "checkpoints so far" in str(e.value)
     assert list((out / "ray" / recipe.name).glob("checkpoint_000001"))  # the last good step is kept
     svc.actors = []
+
+
+# ------------------------------------------------------------------------------------ benchmarks, tiny size
+
+
+def _bench(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reward_service_benchmark_runs(ray_local, capsys):
+    assert _bench("reward_service").main(["--rounds", "2", "--configs", "2x1", "--recipe", "recipes/tiny_ray.yaml",
+                                          "--size", "16", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 x 1 | 4 |" in out  # 2 workers x 2 rounds = 4 requests, in a table row
+
+
+def test_ray_overhead_benchmark_runs(ray_local, capsys):
+    assert _bench("ray_overhead").main(["--recipe", "recipes/tiny_debug.yaml", "--paths", "inprocess,colocated",
+                                        "--reps", "1", "--steps", "2", "--warmup", "1", "--batch-size", "2",
+                                        "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| inprocess |" in out and "| colocated |" in out and "ratio to in-process" in out
+
+
+def test_memory_benchmark_runs(capsys):
+    assert _bench("memory").main(["--width", "0.1", "--latent", "8", "--stages", "0,3", "--modes", "full",
+                                  "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| full | 3 |" in out and "10,370,660" in out
