@@ -416,3 +416,11 @@ def test_memory_benchmark_runs(capsys):
                                   "--no-write"]) == 0
     out = capsys.readouterr().out
     assert "| full | 3 |" in out and "10,370,660" in out
+
+
+def test_gpu_throughput_benchmark_runs_on_cpu_at_reduced_size(capsys):
+    assert _bench("gpu_throughput").main(["--cpu-small", "--resolution", "32", "--steps", "2", "--modes", "lora",
+                                          "--ckpt", "off", "--iters", "1", "--warmup", "0", "--batch", "1",
+                                          "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "| rocm | lora | 2 | off |" in out and "| alignprop | lora | 2 | off |" in out
