@@ -71,10 +71,13 @@ def run_config(reward, workers: int, replicas: int, args) -> dict:
     ws = [actor.remote(svc.client(), r, args.images, args.size, args.sample_ms / 1000, args.jitter_ms / 1000)
           for r in range(workers)]
     try:
-        ray.get([w.round.remote() for w in ws])  # warm-up round (models, first calls)
+        def one_round() -> list[float]:  # bounded: a worker that dies or hangs fails the benchmark
+            return ray.get([w.round.remote() for w in ws], timeout=args.round_timeout)
+
+        one_round()  # warm-up round (models, first calls)
         before = svc.info()
         t0 = time.perf_counter()
-        lat = [x for _ in range(args.rounds) for x in ray.get([w.round.remote() for w in ws])]
+        lat = [x for _ in range(args.rounds) for x in one_round()]
         wall = time.perf_counter() - t0
         after = svc.info()
     finally:
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter-ms", type=float, default=20.0, help="random drift between workers per round")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--replica-cpus", type=float, default=0.5)
+    ap.add_argument("--round-timeout", type=float, default=300.0, help="seconds one round may take")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
