@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py                                  # width 0.2, latent 16, 2 gloo workers
     python benchmarks/memory.py --width 1.0 --modes lora         # the full-size UNet (LoRA fits in ~10 GiB)
-    python benchmarks/memory.py --width 0.1 --stages 0,3 --modes full --no-write     # what the test runs
+    python benchmarks/memory.py --width 0.1 --latent 8 --stages 3 --modes full --no-write   # the test
 
 The UNet is built from ``benchmarks/configs/dreamshaper_v7_unet.json`` (the UNet2DConditionModel config
 of SimianLuo/LCM_Dreamshaper_v7: SD1.5 + the LCM guidance embedding, 859.6M parameters) with random

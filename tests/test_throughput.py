@@ -412,7 +412,7 @@ def test_ray_overhead_benchmark_runs(ray_local, capsys):
 
 
 def test_memory_benchmark_runs(capsys):
-    assert _bench("memory").main(["--width", "0.1", "--latent", "8", "--stages", "0,3", "--modes", "full",
+    assert _bench("memory").main(["--width", "0.1", "--latent", "8", "--stages", "3", "--modes", "full",
                                   "--no-write"]) == 0
     out = capsys.readouterr().out
     assert "| full | 3 |" in out and "10,370,660" in out
