@@ -280,10 +280,14 @@ class PendingReward:
         self.call = c.actors[self.replica].score.remote(self.ref, self.prompts, c.client_id, self.grad)
 
     def result_numpy(self) -> Scored:
+        """Wait for the answer. A replica that died is retried elsewhere (or, when Ray restarts it, the
+        call queues until it is back), at most ``max_attempts`` deaths; one that is unavailable while
+        it restarts is waited for with a capped backoff, at most ``timeout_s`` (default 600 s) in all."""
         c = self.client
         last: Exception | None = None
         timed_out: list[int] = []
-        for attempt in range(c.max_attempts):
+        deaths, waits, start = 0, 0, time.monotonic()
+        while True:
             i = self.replica
             try:
                 left = max(0.0, c.timeout_s - (time.monotonic() - self.sent)) if c.timeout_s else None
@@ -307,25 +311,32 @@ class PendingReward:
                         "model: check the replica's log, raise ray.reward_timeout_s or add replicas)") from None
                 print(f"rocm-ray: {c.describe(i)} timed out after {c.timeout_s:g} s; trying another replica",
                       flush=True)
-            except RETRYABLE as e:
+            except ray.exceptions.ActorUnavailableError as e:  # restarting (or unreachable): wait, bounded
                 c.inflight[i] -= 1
-                last = e
-                c.retries += 1
-                c.down_until[i] = time.monotonic() + c.backoff_s * (2 ** attempt)
-                if attempt + 1 < c.max_attempts:
-                    print(f"rocm-ray: {c.describe(i)} failed ({type(e).__name__}); attempt "
-                          f"{attempt + 2}/{c.max_attempts}", flush=True)
-                    # a dead actor's next call queues until Ray restarts it (or fails at once when its
-                    # restarts are exhausted); only an unavailable one (restarting, network) needs a backoff
-                    if isinstance(e, ray.exceptions.ActorUnavailableError) and not c._up():
-                        time.sleep(c.backoff_s * (2 ** attempt))
-            if attempt + 1 < c.max_attempts:
-                self._send()
+                last, c.retries = e, c.retries + 1
+                pause = min(c.backoff_s * (2 ** waits), 5.0)
+                c.down_until[i] = time.monotonic() + pause
+                if time.monotonic() - start > (c.timeout_s or 600.0):
+                    break
+                if waits == 0:
+                    print(f"rocm-ray: {c.describe(i)} is unavailable (restarting?); waiting for it", flush=True)
+                if not c._up():
+                    time.sleep(pause)
+                waits += 1
+            except RETRYABLE as e:  # died: Ray restarts it if it may (its next call then queues until it is up)
+                c.inflight[i] -= 1
+                last, c.retries, deaths = e, c.retries + 1, deaths + 1
+                c.down_until[i] = time.monotonic() + c.backoff_s
+                if deaths >= c.max_attempts:
+                    break
+                print(f"rocm-ray: {c.describe(i)} failed ({type(e).__name__}); attempt {deaths + 1}/"
+                      f"{c.max_attempts}", flush=True)
+            self._send()
         raise RewardServiceError(
-            f"the RewardService did not answer after {c.max_attempts} attempts on replica(s) "
-            f"{sorted(set(self.tried))}: {type(last).__name__ if last else 'timeout'}. Its replicas died and "
-            "Ray's restarts are exhausted or still pending (raise ray.max_restarts, check the reward nodes "
-            f"and the replicas' logs): {last}") from last
+            f"the RewardService did not answer after {deaths} failed attempt(s) and {waits} wait(s) on replica(s) "
+            f"{sorted(set(self.tried))}: {type(last).__name__}. Its replicas died and Ray's restarts are "
+            "exhausted or did not complete (raise ray.max_restarts, check the reward nodes and the replicas' "
+            f"logs): {last}") from last
 
     def result(self) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
         """(r [B], dr/dimages [B,3,H,W] (None for a grad=False request), name -> [B]) as torch tensors."""
