@@ -428,3 +428,18 @@ def test_gpu_throughput_benchmark_runs_on_cpu_at_reduced_size(capsys):
                                           "--no-write"]) == 0
     out = capsys.readouterr().out
     assert "| rocm | lora | 2 | off |" in out and "| alignprop | lora | 2 | off |" in out
+
+
+def test_cli_reports_a_reward_service_failure_without_a_traceback(monkeypatch, capsys):
+    import rocm_ray.train.ray_trainer as rt
+    from rocm_ray.cli import main
+    from rocm_ray.rewards.service import RewardTimeoutError
+
+    def hung(recipe, resume=False):
+        raise RewardTimeoutError("reward replica 0 (actor 0123, pid 42 on node abcd) did not answer within "
+                                 "ray.reward_timeout_s=5 s")
+
+    monkeypatch.setattr(rt, "train_ray", hung)
+    assert main(["train", "recipes/tiny_ray.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert "the run stopped: reward replica 0" in err and "Traceback" not in err
