@@ -1,17 +1,23 @@
-"""What the Ray path costs per step: the in-process trainer and the Ray path on the same config, one run.
+"""What the Ray path costs per step: in-process vs Ray (remote reward, colocated reward, remote + overlap).
 
-    python benchmarks/ray_overhead.py                       # tiny_debug, 8 images a step, 12 steps
-    python benchmarks/ray_overhead.py --batch-size 4 --steps 20 --no-write
+    python benchmarks/ray_overhead.py                                   # 3 interleaved repetitions
+    python benchmarks/ray_overhead.py --reps 1 --steps 3 --warmup 1 --paths inprocess,colocated --no-write
 
-Both paths train the same recipe (``recipes/tiny_debug.yaml`` with ``train.batch_size`` and
-``train.steps`` set) from the same seed; the Ray path runs 1 Ray Train worker (DeepSpeed ZeRO 0 on gloo)
-and 1 RewardService replica. Start-up (Ray, actors, worker group, model building, evaluation) is
-excluded: only per-step times count, and the first ``--warmup`` steps are dropped. Both use one torch
-thread (a Ray worker with 1 CPU gets ``OMP_NUM_THREADS=1``). Per step of the Ray path:
+Every path trains the same recipe (default ``recipes/tiny_kl.yaml``: the embedded tiny LCM and its
+aesthetic reward) from the same seed, with ``train.batch_size`` images a step:
 
-  compute   sampling + reward round trip + backward + DeepSpeed step + metrics all_reduce (rank 0)
-  reward    the RewardService round trip inside it (ray.put of the images, remote score, answer)
-  total     compute + ``ray.train.report`` (+ the checkpoint on checkpoint steps)
+  inprocess   ``train_inprocess``, one torch thread (the reward in the same process)
+  remote      Ray Train, 1 worker (DeepSpeed ZeRO 0, gloo, 1 CPU) + 1 RewardService replica (1 CPU)
+  colocated   the same worker holding the reward model itself (``ray.reward_placement: colocated``)
+  overlap     remote with ``train.micro_batch_size`` = half the batch: micro-batch 2 is sampled while 1 is
+              scored by the replica (rocm_ray/train/micro.py)
+
+The worker and the replica each get one CPU and one torch thread, so on an idle machine with >= 2 cores
+they run on separate cores. The paths run interleaved (``--reps`` rounds of inprocess, remote,
+colocated, overlap) so that a change in the machine's load hits all of them; start-up (Ray, actors,
+worker group, evaluation) is excluded, the first ``--warmup`` steps of every run are dropped, and the
+table gives the median step time over all kept steps of all repetitions, the ratio to in-process, and
+the median reward wait (time the worker was blocked on the reward, from its per-step breakdown).
 
 Prints a table and (unless ``--no-write``) writes it into the "Ray overhead" section of docs/benchmarks.md.
 """
@@ -20,127 +26,121 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- ray_overhead:start -->", "<!-- ray_overhead:end -->"
+PATHS = ("inprocess", "remote", "colocated", "overlap")
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} logical CPUs, load average {load:.1f} at the end"
+def _ray_steps(res, name: str, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+    """(step seconds, reward-wait seconds) of rank 0 after ``warmup`` steps, the final checkpoint's excluded."""
+    from rocm_ray.train.ray_trainer import latest_checkpoint
+    from rocm_ray.train.ray_worker import read_state
+
+    state = read_state(latest_checkpoint(res.output_dir / "ray" / name))
+    timing = [t for t in state["timing"] if t["step"] > warmup]  # compute_s: without report / checkpoint
+    return [t["compute_s"] for t in timing], [t.get("time_reward_wait_s", t["reward_s"]) for t in timing]
 
 
-def _versions() -> str:
-    import deepspeed
-    import ray
-    import torch
-
-    return f"Python {platform.python_version()}, torch {torch.__version__}, ray {ray.__version__}, " \
-           f"deepspeed {deepspeed.__version__}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recipe", default=str(REPO / "recipes/tiny_debug.yaml"))
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
-    args = ap.parse_args(argv)
-    if args.steps <= args.warmup:
-        ap.error("--steps must exceed --warmup")
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    import ray
+def run_path(path: str, args, out: Path, rep: int) -> tuple[list[float], list[float], list[float]]:
+    """One run of ``path``: (kept step seconds, reward-wait seconds, per-step losses)."""
     import torch
 
     from rocm_ray.config import load_recipe
     from rocm_ray.train.inprocess import train_inprocess
-    from rocm_ray.train.ray_trainer import latest_checkpoint, local_ray_options, stop_local_ray, train_ray
-    from rocm_ray.train.ray_worker import read_state
+    from rocm_ray.train.ray_trainer import train_ray
 
-    tmp = Path(tempfile.mkdtemp(prefix="rocm_ray_bench_"))
-    common = [f"train.batch_size={args.batch_size}", f"train.steps={args.steps}", "logging.log_every=1000"]
+    name = f"{path}_{rep}"
+    common = [f"name={name}", f"train.batch_size={args.batch_size}", f"train.steps={args.steps}",
+              f"train.output_dir={out}/{name}", "logging.log_every=1000", "train.checkpoint_every=0"]
+    if path == "inprocess":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            res = train_inprocess(load_recipe(args.recipe, common))
+        finally:
+            torch.set_num_threads(threads)
+        steps = [1.0 / r["it_per_s"] for r in res.metrics][args.warmup:]
+        return steps, [], [r["loss"] for r in res.metrics]
+    extra = ["train.num_workers=1", "train.zero_stage=0", "ray.cpus_per_worker=1", "ray.reward_num_cpus=1"]
+    if path == "colocated":
+        extra.append("ray.reward_placement=colocated")
+    if path == "overlap":
+        extra.append(f"train.micro_batch_size={args.batch_size // 2}")
+    res = train_ray(load_recipe(args.recipe, common + extra))
+    steps, wait = _ray_steps(res, name, args.warmup, args.steps)
+    return steps, wait, [r["loss"] for r in res.metrics]
 
-    torch.set_num_threads(1)
-    inproc = train_inprocess(load_recipe(args.recipe, [*common, f"train.output_dir={tmp}/inprocess"]))
-    in_steps = [1.0 / r["it_per_s"] for r in inproc.metrics][args.warmup:]
 
-    recipe = load_recipe(args.recipe, [*common, "name=ray_bench", f"train.output_dir={tmp}/ray",
-                                       "train.num_workers=1", "train.zero_stage=0"])
-    ray.init(num_cpus=max(3, os.cpu_count() or 1), **local_ray_options())
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", default=str(REPO / "recipes/tiny_kl.yaml"))
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every path")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = ap.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    if args.steps <= args.warmup or not set(paths) <= set(PATHS) or args.batch_size % 2:
+        ap.error("--steps must exceed --warmup, --paths must name known paths, --batch-size must be even")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    import ray
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _common import machine, versions, write_section
+
+    from rocm_ray.train.ray_trainer import local_ray_options, stop_local_ray
+
+    out = Path(tempfile.mkdtemp(prefix="rocm_ray_bench_"))
+    steps: dict[str, list[float]] = {p: [] for p in paths}
+    waits: dict[str, list[float]] = {p: [] for p in paths}
+    losses: dict[str, list[float]] = {}
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), **local_ray_options())
     try:
-        res = train_ray(recipe)
+        for rep in range(args.reps):
+            for p in paths:
+                s, w, loss = run_path(p, args, out, rep)
+                steps[p] += s
+                waits[p] += w
+                losses.setdefault(p, loss)
     finally:
-        stop_local_ray()
-    state = read_state(latest_checkpoint(res.output_dir / "ray" / "ray_bench"))
-    timing = [t for t in state["timing"] if t["step"] > args.warmup]
-    last = args.steps  # the last step's total includes the final checkpoint: keep it out of "total"
-    compute = [t["compute_s"] for t in timing]
-    reward = [t["reward_s"] for t in timing]
-    total = [t["total_s"] for t in timing if "total_s" in t and t["step"] != last]
-    losses_in = [r["loss"] for r in inproc.metrics]
-    losses_ray = [r["loss"] for r in res.metrics]
-    max_diff = max(abs(a - b) for a, b in zip(losses_in, losses_ray, strict=True))
+        if started:
+            stop_local_ray()
 
     med = statistics.median
-    base = med(in_steps)
-    rows = [
-        ("in-process (1 thread)", med(in_steps), statistics.mean(in_steps), None, 1.0),
-        ("Ray: step compute (rank 0)", med(compute), statistics.mean(compute), med(reward),
-         med(compute) / base),
-        ("Ray: step + ray.train.report", med(total), statistics.mean(total), med(reward), med(total) / base),
-    ]
-    lines = [
-        "| path | median s/step | mean s/step | reward round trip (median s) | ratio to in-process |",
-        "|---|---|---|---|---|",
-    ]
-    for name, m, mean, rw, ratio in rows:
-        rw_text = "" if rw is None else f"{rw:.4f}"
-        lines.append(f"| {name} | {m:.4f} | {mean:.4f} | {rw_text} | {ratio:.2f}x |")
-    bytes_per_step = args.batch_size * 3 * 16 * 16 * 4
+    base = med(steps["inprocess"]) if "inprocess" in steps else None
+    lines = ["| path | median s/step | steps kept | reward wait (median s) | ratio to in-process |",
+             "|---|---|---|---|---|"]
+    for p in paths:
+        ratio = f"{med(steps[p]) / base:.2f}x" if base else ""
+        wait = f"{med(waits[p]):.4f}" if waits[p] else ""
+        lines.append(f"| {p} | {med(steps[p]):.4f} | {len(steps[p])} | {wait} | {ratio} |")
+    ref = losses[paths[0]]
+    diff = max(abs(a - b) for p in paths for a, b in zip(losses[p], ref, strict=True))
     rec = Path(args.recipe).resolve()
     rec_name = rec.relative_to(REPO) if rec.is_relative_to(REPO) else rec
     text = "\n".join([
         f"Config: `{rec_name}` with train.batch_size={args.batch_size}, train.steps={args.steps} (first "
-        f"{args.warmup} steps dropped); Ray path: 1 Ray Train worker (DeepSpeed ZeRO 0, gloo), "
-        "1 RewardService replica, local Ray, Ray Train controller poll interval "
-        f"{os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S')} s.",
-        f"Machine: {_machine()}; {_versions()}.",
-        f"Per step the Ray path ships {bytes_per_step:,} bytes of images to the reward replica and "
-        f"{bytes_per_step:,} bytes of gradient back (plus {args.batch_size} rewards); the in-process and Ray "
-        f"losses differ by at most {max_diff:.2g}.",
-        "",
-        *lines,
-    ])
+        f"{args.warmup} dropped), {args.reps} interleaved repetition(s) of {', '.join(paths)}; Ray paths: 1 "
+        "Ray Train worker (ZeRO 0, gloo, 1 CPU, 1 thread), the replica 1 CPU; Ray Train poll interval "
+        f"{os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S')} s. The per-step losses of all paths agree to "
+        f"{diff:.2g}.",
+        f"Machine: {machine()}; {versions()}.", "", *lines])
     print(text)
     if not args.no_write:
-        doc = REPO / "docs" / "benchmarks.md"
-        section = (f"{START}\n## Ray overhead (`benchmarks/ray_overhead.py`)\n\n"
-                   f"Measured {time.strftime('%Y-%m-%d')} with `python benchmarks/ray_overhead.py`. "
-                   "Step times only (start-up excluded).\n\n" + text + f"\n{END}\n")
-        old = doc.read_text() if doc.exists() else "# Benchmarks\n\n"
-        if START in old and END in old:
-            new = old[:old.index(START)] + section + old[old.index(END) + len(END) + 1:]
-        else:
-            new = old.rstrip("\n") + "\n\n" + section
-        doc.write_text(new)
-        print(f"wrote the Ray overhead section of {doc}")
+        cmd = "python benchmarks/ray_overhead.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+        write_section(START, END, "Ray overhead (`benchmarks/ray_overhead.py`)", cmd,
+                      "Step times only (start-up excluded).\n\n" + text)
     return 0
 
 

@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     except NonFiniteError as e:
         return _fail(f"training diverged: {e}", code=1)
+    except Exception as e:  # the RewardService gave up (replicas dead, restarts exhausted, a hung replica)
+        service = sys.modules.get("rocm_ray.rewards.service")  # only loaded by runs that use it
+        if service is not None and isinstance(e, service.RewardServiceError):
+            return _fail(f"the run stopped: {e}", code=1)
+        raise
     except KeyboardInterrupt:
         return _fail("interrupted", code=130)
     except BrokenPipeError:  # output piped into head & co.

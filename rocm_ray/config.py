@@ -100,6 +100,8 @@ class TrainConfig:
     max_failures: int = _f(0, ge=-1, help="Ray Train FailureConfig.max_failures")
     output_dir: str = _f("outputs/{name}", help="where the run writes ({name} = recipe name)")
     cpu_threads: int | None = _f(None, ge=1, help="torch CPU threads of the in-process trainer (null = torch's)")
+    micro_batch_size: int | None = _f(None, ge=1, help="images per micro-batch of a Ray worker (gradient "
+                                      "accumulation; remote scoring overlaps sampling); null = whole shard")
 
 
 @dataclass
@@ -113,6 +115,10 @@ class RayConfig:
     cpus_per_worker: float = _f(1.0, ge=0, help="CPUs per Ray Train worker")
     max_restarts: int = _f(3, ge=-1, help="RewardService actor restarts")
     max_task_retries: int = _f(3, ge=-1, help="RewardService call retries")
+    reward_placement: Literal["remote", "colocated"] = _f(
+        "remote", help="remote: RewardService replicas; colocated: every train worker holds the reward model")
+    reward_micro_batch: int = _f(16, ge=1, help="images per reward forward/backward (bounds reward memory)")
+    reward_timeout_s: float = _f(600.0, gt=0, help="seconds a reward request may take before the run stops")
 
 
 @dataclass
@@ -372,6 +378,11 @@ def _validate(r: Recipe) -> None:
                           f"must be divisible by train.num_workers ({r.train.num_workers}), got {r.train.batch_size}")
     if r.train.zero_stage and r.train.num_workers == 0:
         raise RecipeError(src, "train.zero_stage", "DeepSpeed ZeRO needs Ray Train workers: set train.num_workers >= 1")
+    mb = r.train.micro_batch_size
+    if mb is not None and (r.train.batch_size // workers) % mb:
+        raise RecipeError(src, "train.micro_batch_size",
+                          f"must divide the per-worker batch (train.batch_size / train.num_workers = "
+                          f"{r.train.batch_size // workers}), got {mb}")
     from rocm_ray.rewards import available_scorers, scorer_options  # lazy: imports torch
 
     names = available_scorers()

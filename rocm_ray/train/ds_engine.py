@@ -62,6 +62,62 @@ def deepspeed_config(micro_batch: int, zero_stage: int, max_grad_norm: float,
     return cfg
 
 
+MAX_BUCKET = 50_000_000  # elements: the most one ZeRO communication bucket holds (200 MB in fp32)
+WHOLE_BUCKET = 2_000_000  # up to this many trainable parameters (LoRA adapters) reduce in one bucket
+
+
+def bucket_size(trainable: int) -> int:
+    """ZeRO bucket elements for ``trainable`` parameters: never larger than what there is to reduce.
+
+    DeepSpeed's defaults (5e8 elements = 1.86 GiB of fp32 reduce buffer per rank at stage 1/2) were
+    sized for billion-parameter models; a LoRA adapter has a few thousand to a few million parameters
+    and reduces in one bucket of exactly its size. Larger models (full fine-tuning) get an eighth of
+    their size (at least 2e6, at most 5e7 elements), so a bucket never rivals the partition it saves.
+    """
+    if trainable <= WHOLE_BUCKET:
+        return int(max(1, trainable))
+    return int(min(max(trainable // 8, WHOLE_BUCKET), MAX_BUCKET))
+
+
+def zero_config(stage: int, trainable: int) -> dict[str, Any]:
+    """``zero_optimization`` of stage ``stage`` with buffers sized from the trainable parameter count."""
+    b = bucket_size(trainable)
+    cfg: dict[str, Any] = {"stage": stage}
+    if stage in (1, 2):
+        cfg.update(reduce_bucket_size=b, allgather_bucket_size=b)
+    if stage == 3:
+        cfg.update(reduce_bucket_size=b, stage3_prefetch_bucket_size=b, stage3_max_live_parameters=b,
+                   stage3_max_reuse_distance=b)
+    return cfg
+
+
+def check_recipe(recipe) -> None:
+    """Refuse DeepSpeed set-ups that cannot work (a RecipeError naming the key and the fix)."""
+    from rocm_ray.config import RecipeError
+
+    t, m = recipe.train, recipe.model
+    if m.lora_rank == 0 and m.dtype != "float32":
+        raise RecipeError(recipe.source, "model.dtype",
+                          f"full fine-tuning (model.lora_rank: 0) with model.dtype {m.dtype} would train a "
+                          f"{m.dtype} copy of the UNet (fp32 engines, no master weights): use model.dtype "
+                          "float32 (train.mixed_precision: bf16 for bf16 compute on GPU) or LoRA")
+    if m.dtype == "float16" and not t.use_gpu and t.num_workers:
+        raise RecipeError(recipe.source, "model.dtype", "float16 weights on CPU workers are not supported by "
+                          "torch's CPU kernels: use float32 or bfloat16")
+
+
+def worker_config(recipe, world: int, policy, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config of a Ray worker: micro-batches (gradient accumulation), ZeRO sized to the model."""
+    t = recipe.train
+    per_worker = t.batch_size // world
+    micro = t.micro_batch_size or per_worker
+    trainable = sum(p.numel() for p in policy.trainable_parameters())
+    user = dict(overrides or {})
+    zero = {**zero_config(t.zero_stage, trainable), **user.pop("zero_optimization", {})}
+    return deepspeed_config(micro, t.zero_stage, t.max_grad_norm,
+                            {"gradient_accumulation_steps": per_worker // micro, "zero_optimization": zero, **user})
+
+
 def build_engine(unet: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
                  config: dict[str, Any]):
     """A DeepSpeed engine over ``unet`` (trainable = ``requires_grad``) with torch AdamW."""
@@ -73,6 +129,36 @@ def build_engine(unet: torch.nn.Module, lr: float, betas: tuple[float, float], w
     engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=opt, config=config,
                                            dist_init_required=False)
     return engine
+
+
+def partition_reference(policy, config: dict[str, Any]):
+    """Full fine-tuning under ZeRO-3: partition the frozen reference UNet like the policy.
+
+    A second DeepSpeed engine without an optimizer (ZeRO-3 inference) over ``policy.ref_unet``: each rank
+    keeps 1/W of the reference's weights and gathers a module's parameters for its forward (and the
+    backward through it: the divergence's gradient flows through the reference's output into x_n).
+    Calling ``policy.ref_unet`` directly goes through the engine's hooks, so nothing else changes. Keep
+    the returned engine alive for the run. None when there is nothing to partition (LoRA: the reference
+    is the policy's own base weights with the adapter off; ZeRO 0-2: parameters are not partitioned).
+    """
+    if policy.lora or policy.ref_unet is None or int(config["zero_optimization"]["stage"]) != 3:
+        return None
+    avoid_shm_comm_build()
+    import deepspeed
+
+    cfg = {k: v for k, v in config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
+    # release every gathered module after use (no reuse-distance caching: that would keep it whole)
+    cfg["zero_optimization"] = {**cfg["zero_optimization"], "stage3_max_reuse_distance": 0}
+    engine, _, _, _ = deepspeed.initialize(model=policy.ref_unet, config=cfg, dist_init_required=False)
+    return engine
+
+
+def release_reference(ref_engine) -> None:
+    """Re-partition the reference after a backward (ZeRO-3). DeepSpeed 0.19.8 does not release a module
+    without trainable parameters after the backward runs through it (its post-backward hook does not
+    fire), so without this the whole reference would stay gathered from the first backward on."""
+    if ref_engine is not None:
+        ref_engine.optimizer.get_param_coordinator().release_and_reset_all(ref_engine.module)
 
 
 def zero_stage(engine) -> int:
@@ -103,10 +189,27 @@ def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
     import deepspeed
 
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    if zero_stage(engine) == 3:
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().float().cpu().clone() for n, p in named}
-    return {n: p.detach().float().cpu().clone() for n, p in named}
+    if zero_stage(engine) != 3:
+        return {n: p.detach().float().cpu().clone() for n, p in named}
+    out: dict[str, torch.Tensor] = {}
+    for group in gather_groups(named, MAX_BUCKET):  # a group at a time: one group's full size alive at once
+        with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+            out.update({n: p.detach().float().cpu().clone() for n, p in group})
+    return out
+
+
+def gather_groups(named: list[tuple[str, torch.nn.Parameter]], max_elements: int) -> list[list]:
+    """Consecutive parameters in groups of at most ``max_elements`` (ZeRO-3 full sizes: ``ds_numel``)."""
+    groups: list[list] = [[]]
+    size = 0
+    for n, p in named:
+        k = int(getattr(p, "ds_numel", p.numel()))
+        if groups[-1] and size + k > max_elements:
+            groups.append([])
+            size = 0
+        groups[-1].append((n, p))
+        size += k
+    return [g for g in groups if g]
 
 
 def save_engine(engine, directory: Path) -> None:

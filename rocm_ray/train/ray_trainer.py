@@ -128,6 +128,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _check(recipe: Recipe) -> None:
+    from rocm_ray.train.ds_engine import check_recipe
+
+    check_recipe(recipe)
     t = recipe.train
     if t.num_workers < 1:
         raise RecipeError(recipe.source, "train.num_workers", "the Ray trainer needs train.num_workers >= 1")
@@ -138,16 +141,9 @@ def _check(recipe: Recipe) -> None:
 
 def _nonfinite_cause(err: BaseException) -> NonFiniteError | None:
     """The NonFiniteError behind a Ray Train failure, if that is what failed."""
-    seen, todo = set(), [err, *getattr(err, "worker_failures", {}).values()]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, NonFiniteError):
-            return e
-        todo += [e.__cause__, getattr(e, "cause", None)]
-    return None
+    from rocm_ray.train.micro import find_cause
+
+    return find_cause(err, NonFiniteError)
 
 
 def finalize_run(recipe: Recipe, out_dir: Path, checkpoint: Any, prompts: list[str], scorer: Any, wall: float,
@@ -160,6 +156,7 @@ def finalize_run(recipe: Recipe, out_dir: Path, checkpoint: Any, prompts: list[s
     from rocm_ray.evaluate import score_images
     from rocm_ray.train.builders import build_policy
     from rocm_ray.train.inprocess import evaluate_before_after, finish_run
+    from rocm_ray.train.micro import write_timing
     from rocm_ray.train.outputs import MetricsLog, SampleLog
 
     t = recipe.train
@@ -189,6 +186,7 @@ def finalize_run(recipe: Recipe, out_dir: Path, checkpoint: Any, prompts: list[s
     for row in state["metrics"]:
         log.log(row)
     log.close()
+    write_timing(out_dir / "timing.csv", state.get("timing", []))
     return finish_run(recipe, out_dir, policy, scorer, prompts, before, log.rows, sample_log, wall,
                       images_trained=steps_trained * t.batch_size)
 
@@ -221,7 +219,8 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rocm_ray.rewards.service import RewardClient, RewardService
+    from rocm_ray.rewards.service import RewardService, RewardServiceError, driver_reward
+    from rocm_ray.train.micro import find_cause
 
     _check(recipe)
     from rocm_ray.train.ray_logging import quiet_ray_train
@@ -245,14 +244,11 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
 
     needed = t.num_workers * r.cpus_per_worker + r.reward_replicas * r.reward_num_cpus + 1
     started = connect_ray(r.address, needed)
-    own_service = service is None
+    own_service = service is None and r.reward_placement == "remote"
     try:
         if own_service:
             service = RewardService.from_recipe(recipe)
-        infos = service.wait_ready()
-        print(f"rocm-ray: RewardService: {len(infos)} replica(s) ready "
-              f"({', '.join(i['device'] + '@' + i['node_id'][:8] for i in infos)})", flush=True)
-        client: RewardClient = service.client()
+        client, scorer = driver_reward(recipe, service)  # colocated: no client, the driver's own scorer
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "prompts": prompts, "reward_client": client,
@@ -274,6 +270,9 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
             cause = _nonfinite_cause(e)
             if cause is not None:
                 raise NonFiniteError(str(cause)) from e
+            lost = find_cause(e, RewardServiceError)
+            if lost is not None:
+                raise type(lost)(f"{lost} (checkpoints so far: {run_dir})") from e
             raise
         wall = time.perf_counter() - t0
         final = result.checkpoint if result.checkpoint is not None else resume_from
@@ -284,9 +283,9 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
             task = ray.remote(finalize_run).options(num_cpus=r.cpus_per_worker, num_gpus=1,
                                                     resources=dict(r.worker_resources),
                                                     scheduling_strategy="DEFAULT")
-            res = ray.get(task.remote(recipe, out_dir, final, prompts, client, wall, steps_trained))
+            res = ray.get(task.remote(recipe, out_dir, final, prompts, scorer, wall, steps_trained))
         else:
-            res = finalize_run(recipe, out_dir, final, prompts, client, wall, steps_trained)
+            res = finalize_run(recipe, out_dir, final, prompts, scorer, wall, steps_trained)
         return res
     finally:
         if own_service and service is not None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rocm_ray.train.step import NonFiniteError, rocm_step, shard, step_batch
+from rocm_ray.train.step import NonFiniteError, shard, step_batch
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -142,12 +142,14 @@ def train_loop_per_worker(config: dict) -> None:
     from rocm_ray.train.builders import build_policy
     from rocm_ray.train.ds_engine import (
         build_engine,
-        deepspeed_config,
         grad_norm,
+        partition_reference,
         save_engine,
         trainable_state_dict,
+        worker_config,
     )
     from rocm_ray.train.inprocess import metrics_row, step_kwargs
+    from rocm_ray.train.micro import PhaseClock, micro_batch_step, time_gradient_allreduce, worker_reward
 
     quiet_library_warnings()
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)  # per-step INFO
@@ -164,18 +166,14 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)  # exactly as train_inprocess: the same LoRA init on every worker
     policy = build_policy(recipe, device)
     t_policy = time.perf_counter()
-    ds_cfg = deepspeed_config(t.batch_size // world, t.zero_stage, t.max_grad_norm, config.get("deepspeed"))
+    ds_cfg = worker_config(recipe, world, policy, config.get("deepspeed"))
     engine = build_engine(policy.unet, t.lr, tuple(t.adam_betas), t.weight_decay, ds_cfg)
+    ref_engine = partition_reference(policy, ds_cfg)  # ZeRO-3 full fine-tuning: the reference partitioned
     t_engine = time.perf_counter()
-    stage = t.zero_stage
-    client = config["reward_client"].for_rank(rank)
-    reward_s = [0.0]
-
-    def reward_fn(images, ps):  # the RewardService round trip, timed
-        t1 = time.perf_counter()
-        out = client(images, ps)
-        reward_s[0] += time.perf_counter() - t1
-        return out
+    stage = int(ds_cfg["zero_optimization"]["stage"])
+    reward = worker_reward(config, rank, device)
+    clock = PhaseClock(device)
+    time_gradient_allreduce(engine, clock)
 
     kwargs = step_kwargs(recipe, device)
     nodes: list[str] = [""] * world
@@ -222,19 +220,23 @@ def train_loop_per_worker(config: dict) -> None:
         if fail_at is not None and step == fail_at and start == 0:
             raise RuntimeError(f"injected failure at step {step} (test hook fail_at_step)")
         t0 = time.perf_counter()
-        reward_s[0] = 0.0
+        clock.times = type(clock.times)()
         ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
         ps, seeds = shard(ps, rank, world), shard(seeds, rank, world)
-        res = rocm_step(policy, ps, seeds, reward_fn, eps_fn=policy.eps_fn(engine), backward=engine.backward,
-                        **kwargs)
+        res = micro_batch_step(policy, ps, seeds, reward, engine, t.micro_batch_size, clock, ref_engine=ref_engine,
+                               **kwargs)
         gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
+        t_opt = clock.now()
         engine.step()
+        clock.add("optimizer", t_opt)
         gn = gn if gn is not None else grad_norm(engine)
         if not math.isfinite(gn):
             raise NonFiniteError(f"step {step}: gradient norm is {gn}; lower train.lr or algorithm.beta")
         local = metrics_row(step, res, gn, 1.0, t.batch_size, t.lr)  # this worker's shard
         keys = [k for k in local if k not in ("step", "grad_norm", "images_per_s", "it_per_s", "lr")]
+        t_comm = clock.now()
         means = _global_means([float(local[k]) for k in keys], device, world)
+        clock.add("communication", t_comm)
         dt = time.perf_counter() - t0
         row = {**local, **dict(zip(keys, means, strict=True)), "images_per_s": t.batch_size / dt,
                "it_per_s": 1.0 / dt}
@@ -245,10 +247,11 @@ def train_loop_per_worker(config: dict) -> None:
                             "rewards": res.rewards, "components": res.components,
                             "divergences": res.sample_divergences})
         if rank == 0 and (step % recipe.logging.log_every == 0 or step == t.steps):
-            print(_progress(row, t.steps, local), flush=True)
+            print(_progress(row, t.steps, local) + "\n  " + clock.describe(), flush=True)
         metrics = {**row, "rank0_loss": local["loss"], "rank0_reward": local["reward"],
-                   "rank0_divergence": local["divergence"], "world_size": world}
-        timing.append({"step": step, "compute_s": dt, "reward_s": reward_s[0]})
+                   "rank0_divergence": local["divergence"], "world_size": world, **clock.times.as_metrics()}
+        timing.append({"step": step, "compute_s": dt, "reward_s": clock.times.reward_wait,
+                       **clock.times.as_metrics()})  # rank 0's breakdown -> timing.csv
         if step == t.steps or (every and step % every == 0):
             save_and_report(step, metrics)
         else:
