@@ -77,12 +77,12 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
         torch.set_num_threads(t.cpu_threads)
     torch.manual_seed(t.seed)
     out_dir = recipe.output_path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     prompts = prompts_of(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = build_policy(recipe, device)
     scorer = build_reward(recipe.reward, device)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs loaded: a bad input writes nothing
+    (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     params = policy.trainable_parameters()
     n_params = sum(p.numel() for p in params)
     kind = f"LoRA r={recipe.model.lora_rank}" if policy.lora else "full"

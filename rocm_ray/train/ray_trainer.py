@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from rocm_ray.config import Recipe, RecipeError, prompts_of
+from rocm_ray.preflight import bounded_placement, placement_retries, raise_if_placement_timeout
 from rocm_ray.train.inprocess import RunResult
 from rocm_ray.train.ray_worker import (
     SAMPLES_FILE,
@@ -229,24 +230,26 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
     quiet_ray_train()
     t, r = recipe.train, recipe.ray
     out_dir = resolve_output_dir(recipe)
-    out_dir.mkdir(parents=True, exist_ok=True)
     storage = out_dir / "ray"
     run_dir = storage / recipe.name
     resume_from = latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None:
-        print(f"rocm-ray: --resume: no checkpoint in {run_dir}; starting from step 0", flush=True)
-    if not resume and run_dir.exists():
-        prev = storage / f"{recipe.name}.previous"
-        shutil.rmtree(prev, ignore_errors=True)
-        run_dir.rename(prev)
-        print(f"rocm-ray: a fresh run: moved the previous run's checkpoints to {prev}", flush=True)
-    (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+        raise RecipeError(recipe.source, "--resume", f"no complete checkpoint in {run_dir} (train.output_dir "
+                          f"{t.output_dir}, name {recipe.name}): run without --resume to start from step 0")
     prompts = prompts_of(recipe)
 
     needed = t.num_workers * r.cpus_per_worker + r.reward_replicas * r.reward_num_cpus + 1
     started = connect_ray(r.address, needed)
     own_service = service is None
     try:
+        bounded_placement(recipe)  # fails in seconds, before anything is written, if the run cannot fit
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and run_dir.exists():
+            prev = storage / f"{recipe.name}.previous"
+            shutil.rmtree(prev, ignore_errors=True)
+            run_dir.rename(prev)
+            print(f"rocm-ray: a fresh run: moved the previous run's checkpoints to {prev}", flush=True)
+        (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
         if own_service:
             service = RewardService.from_recipe(recipe)
         infos = service.wait_ready()
@@ -262,7 +265,8 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
                 num_workers=t.num_workers, use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": r.cpus_per_worker, **r.worker_resources}),
             run_config=RunConfig(name=recipe.name, storage_path=str(storage),
-                                 failure_config=FailureConfig(max_failures=t.max_failures),
+                                 failure_config=FailureConfig(max_failures=t.max_failures,
+                                                              controller_failure_limit=placement_retries()),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  callbacks=list(callbacks or [])),
         )
@@ -274,6 +278,7 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
             cause = _nonfinite_cause(e)
             if cause is not None:
                 raise NonFiniteError(str(cause)) from e
+            raise_if_placement_timeout(recipe, e)
             raise
         wall = time.perf_counter() - t0
         final = result.checkpoint if result.checkpoint is not None else resume_from
