@@ -30,6 +30,7 @@ import torch
 from rocm_ray.config import Recipe, RecipeError, prompts_of
 from rocm_ray.preflight import bounded_placement, placement_retries, raise_if_placement_timeout
 from rocm_ray.train.inprocess import RunResult
+from rocm_ray.train.nonfinite import raise_if_stopped
 from rocm_ray.train.ray_worker import (
     SAMPLES_FILE,
     STATE_FILE,
@@ -209,14 +210,16 @@ def _read_final(d: Path) -> tuple[dict, dict, list]:
 
 
 def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, callbacks: list | None = None,
-              deepspeed: dict[str, Any] | None = None, fail_at_step: int | None = None) -> RunResult:
+              deepspeed: dict[str, Any] | None = None, fail_at_step: int | None = None,
+              nonfinite_at: dict[int, str] | None = None) -> RunResult:
     """Fine-tune with regularized ROCM on Ray Train workers (DeepSpeed) and a RewardService.
 
     ``service``: an existing :class:`RewardService` to use (tests, several runs sharing reward replicas);
     else one is started from ``recipe.ray`` and stopped at the end. ``callbacks``: Ray Train ``UserCallback``s
     for the ``RunConfig`` (Tune's ``TuneReportCallback``: every worker report reaches Tune). ``deepspeed``:
     overrides of the DeepSpeed config (advanced). ``fail_at_step``: test hook, every worker raises once at
-    that step of a run not resumed.
+    that step of a run not resumed. ``nonfinite_at``: test hook, ``{step: kind}`` non-finite values injected
+    into the reward (rocm_ray.train.nonfinite.inject_nonfinite).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -260,7 +263,8 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "prompts": prompts, "reward_client": client,
                                "resume_from": str(resume_from) if resume_from else None,
-                               "deepspeed": deepspeed, "fail_at_step": fail_at_step},
+                               "deepspeed": deepspeed, "fail_at_step": fail_at_step,
+                               "nonfinite_at": nonfinite_at},
             scaling_config=ScalingConfig(
                 num_workers=t.num_workers, use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": r.cpus_per_worker, **r.worker_resources}),
@@ -280,6 +284,7 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
                 raise NonFiniteError(str(cause)) from e
             raise_if_placement_timeout(recipe, e)
             raise
+        raise_if_stopped(result, out_dir, t.steps)  # non-finite steps: stopped, not failed (no retries)
         wall = time.perf_counter() - t0
         final = result.checkpoint if result.checkpoint is not None else resume_from
         if final is None:

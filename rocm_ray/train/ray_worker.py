@@ -33,7 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from rocm_ray.train.step import NonFiniteError, rocm_step, shard, step_batch
+from rocm_ray.train.nonfinite import (
+    NonFiniteGuard,
+    all_ranks_agree,
+    guarded_step,
+    inject_nonfinite,
+    skipped_row,
+    stop_on_nonfinite,
+)
+from rocm_ray.train.step import rocm_step, shard, step_batch
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -200,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
               f"{t_imports - t_enter:.1f} s, policy {t_policy - t_imports:.1f} s, DeepSpeed "
               f"{t_engine - t_policy:.1f} s)", flush=True)
 
-    def save_and_report(step: int, metrics: dict) -> None:
+    def save_and_report(step: int, metrics: dict, state_update: dict | None = None) -> None:
         from ray.train import Checkpoint
         from safetensors.torch import save_file
 
@@ -213,33 +221,49 @@ def train_loop_per_worker(config: dict) -> None:
                 save_file(weights, str(d / WEIGHTS_FILE))
                 torch.save(samples, d / SAMPLES_FILE)
                 state = {"step": step, "world_size": world, "zero_stage": stage, "name": recipe.name,
-                         "worker_nodes": nodes, "metrics": rows, "timing": timing}
+                         "worker_nodes": nodes, "metrics": rows, "timing": timing, **(state_update or {})}
                 (d / STATE_FILE).write_text(json.dumps(state))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step))
 
+    guard = NonFiniteGuard.from_rows(t.max_nonfinite_steps, rows)
+    agree = all_ranks_agree(device, world)
+    nonfinite_at: dict = config.get("nonfinite_at") or {}
+    if nonfinite_at:  # test hook: this kind of non-finite value at these steps
+        reward_fn = inject_nonfinite(reward_fn, nonfinite_at, lambda: current[0])
+    current = [0]
     fail_at = config.get("fail_at_step")
     every = t.checkpoint_every
     for step in range(start + 1, t.steps + 1):
         if fail_at is not None and step == fail_at and start == 0:
             raise RuntimeError(f"injected failure at step {step} (test hook fail_at_step)")
         t0 = time.perf_counter()
+        current[0] = step
         reward_s[0] = 0.0
         ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
         ps, seeds = shard(ps, rank, world), shard(seeds, rank, world)
-        res = rocm_step(policy, ps, seeds, reward_fn, eps_fn=policy.eps_fn(engine), backward=engine.backward,
-                        **kwargs)
-        gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
-        engine.step()
-        gn = gn if gn is not None else grad_norm(engine)
-        if not math.isfinite(gn):
-            raise NonFiniteError(f"step {step}: gradient norm is {gn}; lower train.lr or algorithm.beta")
+        res, skip = guarded_step(lambda bw, ps=ps, seeds=seeds: rocm_step(
+            policy, ps, seeds, reward_fn, eps_fn=policy.eps_fn(engine), backward=bw, **kwargs), engine.backward, agree)
+        gn = math.nan
+        if skip is None:
+            gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
+            if gn is None or math.isfinite(gn):  # ZeRO 1-3: DeepSpeed itself skips a non-finite update
+                engine.step()
+            gn = gn if gn is not None else grad_norm(engine)
+        if skip is not None or not math.isfinite(gn):  # skipped on every rank: weights and optimizer unchanged
+            if stop_on_nonfinite(guard, step, skip or f"the gradient norm is {gn}", engine, rows, timing, t0,
+                                 skipped_row(step, rows[-1] if rows else None, res, gn, time.perf_counter() - t0,
+                                             t.batch_size, t.lr), save_and_report, world,
+                                 step == t.steps or bool(every and step % every == 0)):
+                return
+            continue
+        guard.ok()
         local = metrics_row(step, res, gn, 1.0, t.batch_size, t.lr)  # this worker's shard
         keys = [k for k in local if k not in ("step", "grad_norm", "images_per_s", "it_per_s", "lr")]
         means = _global_means([float(local[k]) for k in keys], device, world)
         dt = time.perf_counter() - t0
-        row = {**local, **dict(zip(keys, means, strict=True)), "images_per_s": t.batch_size / dt,
-               "it_per_s": 1.0 / dt}
+        row = guard.annotate({**local, **dict(zip(keys, means, strict=True)), "images_per_s": t.batch_size / dt,
+                              "it_per_s": 1.0 / dt}, skipped=False)
         rows.append(row)
         if recipe.logging.sample_every and step % recipe.logging.sample_every == 0 and step != t.steps \
                 and rank == 0:
