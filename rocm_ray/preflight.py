@@ -209,7 +209,7 @@ def describe_cluster() -> str:
 # --------------------------------------------------------------------------------------------- bounded waits
 
 #: seconds Ray Train waits for its workers' placement group before giving up (Ray's own default: 60)
-PLACEMENT_WAIT_S = 30.0
+PLACEMENT_WAIT_S = 20.0
 #: placement retries of Ray Train's controller with an autoscaler (new nodes take minutes); none without one
 AUTOSCALER_PLACEMENT_RETRIES = 10
 _START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
