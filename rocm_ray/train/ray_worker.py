@@ -28,7 +28,6 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -63,19 +62,35 @@ def read_state(directory: str | Path) -> dict | None:
         return None
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def save_rng_state(path: Path) -> None:
+    """This process's torch / CUDA / numpy / Python RNG states as safetensors + JSON metadata (no pickle)."""
+    from safetensors.torch import save_file
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss_next = random.getstate()
+    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)]),
+            "python": json.dumps([version, list(internal), gauss_next])}
+    save_file(tensors, str(path), metadata=meta)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(path: Path) -> None:
+    """Restore what :func:`save_rng_state` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    torch.set_rng_state(t["torch"])
+    kind, pos, has_gauss, gauss = json.loads(meta["numpy"])
+    np.random.set_state((kind, t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = json.loads(meta["python"])
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = [t[f"cuda_{i}"] for i in range(len(t)) if f"cuda_{i}" in t]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _global_means(values: list[float], device: torch.device, world: int) -> list[float]:
@@ -129,9 +144,9 @@ def _restore(engine, ckpt_dir: Path, rank: int, world: int, stage: int) -> tuple
             f"stage {state['zero_stage']}, this run has {world} at stage {stage}; resume with the same "
             "train.num_workers and train.zero_stage (or start afresh without --resume)")
     load_engine(engine, ckpt_dir)
-    rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+    rng_file = ckpt_dir / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rng_state(rng_file)
     samples = []
     if rank == 0 and (ckpt_dir / SAMPLES_FILE).is_file():
         samples = torch.load(ckpt_dir / SAMPLES_FILE, weights_only=True)
@@ -216,7 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
             d = Path(tmp)
             save_engine(engine, d)
             weights = trainable_state_dict(engine)  # collective under ZeRO-3
-            torch.save(_rng_state(), d / f"rng_rank{rank}.pt")
+            save_rng_state(d / f"rng_rank{rank}.safetensors")
             if rank == 0:
                 save_file(weights, str(d / WEIGHTS_FILE))
                 torch.save(samples, d / SAMPLES_FILE)
