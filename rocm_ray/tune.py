@@ -573,6 +573,9 @@ def _start_ray(recipe: Recipe, dashboard: bool = False) -> bool:
         if dashboard:
             opts["dashboard_host"] = "127.0.0.1"
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        from rocm_ray.security import apply_local_ray_env
+
+        apply_local_ray_env()  # every Ray server on 127.0.0.1, token auth with a token of this process
         ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True, **opts)  # our own Ray
     return True
 

@@ -72,9 +72,14 @@ def connect_ray(address: str | None, num_cpus_needed: float = 1.0) -> bool:
 
 
 def local_ray_options() -> dict[str, Any]:
-    """``ray.init`` options of a local Ray on loopback only (no dashboard), with quiet Ray Train logs."""
+    """``ray.init`` options of a local Ray on loopback only (no dashboard), with quiet Ray Train logs.
+
+    Also sets this process's environment for it (rocm_ray.security): every Ray server on 127.0.0.1, token auth.
+    """
+    from rocm_ray.security import apply_local_ray_env
     from rocm_ray.train.ray_logging import SETUP_HOOK
 
+    apply_local_ray_env()  # loopback only, token auth with a token of this process (nothing in ~/.ray)
     return {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
             "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
 
@@ -95,6 +100,9 @@ def stop_local_ray(grace_s: float = 5.0) -> None:
     except Exception:  # noqa: BLE001 - cleanup is best effort
         procs = []
     ray.shutdown()
+    from rocm_ray.security import restore_env
+
+    restore_env()
     if not procs:
         return
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
