@@ -14,6 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from rocm_ray.config import Recipe, RecipeError
 
@@ -162,8 +163,10 @@ def autoscaler_max_resources() -> dict[str, float] | None:
 
 
 def _useful(res: dict[str, float]) -> dict[str, float]:
+    """The resources a recipe can ask for (no node ids, memory, or placement-group bundles)."""
     return {k: v for k, v in res.items()
-            if not k.startswith(("node:", "memory", "object_store_memory", "accelerator_type"))}
+            if not k.startswith(("node:", "memory", "object_store_memory", "accelerator_type", "bundle_group"))
+            and "_group_" not in k}
 
 
 def check_cluster_fits(recipe: Recipe, total: dict[str, float] | None = None,
@@ -251,3 +254,90 @@ def raise_if_placement_timeout(recipe: Recipe, err: BaseException) -> None:
                 f"lower the recipe's demands, or raise {_START_TIMEOUT_ENV}") from err
         todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None),
                  *getattr(e, "worker_failures", {}).values()]
+
+
+# --------------------------------------------------------------------------------------------- reward node lost
+
+#: seconds a reward replica may stay unplaceable (its node gone, no other node with its resources) before the run
+#: is stopped; a node coming back (or the autoscaler adding one) within this time lets Ray place it again
+REPLICA_LOST_GRACE_S = 20.0
+
+
+def replica_demand(recipe: Recipe) -> dict[str, float]:
+    r = recipe.ray
+    return {k: v for k, v in {"CPU": r.reward_num_cpus, "GPU": r.reward_num_gpus, **r.reward_resources}.items()
+            if v > 0}
+
+
+class ReplicaWatch:
+    """Driver-side watch of the reward replicas while Ray Train runs (a daemon thread, polling every 2 s).
+
+    Ray restarts a replica whose node died (``ray.max_restarts``) on any node that has its resources; when no
+    alive node has them (the only ``reward`` node was removed) the restart would wait forever, and so would
+    the train workers' calls. After :data:`REPLICA_LOST_GRACE_S` of that, the watch records why and ends the
+    replicas (no restart), so the workers' calls fail at once and the run stops; ``train_ray`` then raises
+    :class:`~rocm_ray.rewards.base.RewardServiceUnavailable` with :attr:`reason`.
+    """
+
+    def __init__(self, recipe: Recipe, actors: list, grace_s: float = REPLICA_LOST_GRACE_S, poll_s: float = 2.0):
+        import threading
+
+        self.recipe, self.actors, self.grace_s, self.poll_s = recipe, list(actors), grace_s, poll_s
+        self.demand = replica_demand(recipe)
+        self.reason: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rocm-ray-replica-watch", daemon=True)
+
+    def __enter__(self) -> ReplicaWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.poll_s)
+
+    def _message(self, how_long: str) -> str:
+        keys = ", ".join(f"{k}: {v:g}" for k, v in sorted(self.demand.items()))
+        return (f"{self.recipe.source}: ray.reward_resources / ray.reward_num_cpus / ray.reward_num_gpus: the reward "
+                f"replicas lost their node and no alive node offers what one asks for ({keys}) {how_long}; the "
+                f"cluster now has {describe_cluster()}. Add a node with these resources (e.g. `ray start "
+                "--resources='{\"reward\": 1}'`) and resume with --resume")
+
+    def why_failed(self) -> str | None:
+        """After a failed run: the reason if the replicas were, or are now, impossible to place; else None."""
+        try:
+            return self.reason or (None if self.placeable() else self._message("now"))
+        except Exception:  # noqa: BLE001 - no cluster to ask
+            return self.reason
+
+    def placeable(self) -> bool:
+        """Whether some alive node has the resources one replica asks for."""
+        import ray
+
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        return any(all(n.get(k, 0.0) >= v for k, v in self.demand.items()) for n in nodes)
+
+    def _run(self) -> None:
+        import time
+
+        import ray
+
+        since: float | None = None
+        while not self._stop.wait(self.poll_s):
+            try:
+                ok = self.placeable()
+            except Exception:  # noqa: BLE001 - the GCS is busy or going away: look again later
+                continue
+            if ok:
+                since = None
+                continue
+            since = since if since is not None else time.monotonic()
+            if time.monotonic() - since >= self.grace_s:
+                self.reason = self._message(f"for {self.grace_s:.0f} s")
+                print(f"rocm-ray: {self.reason}", flush=True)
+                for a in self.actors:
+                    try:
+                        ray.kill(a, no_restart=True)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+                return

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from rocm_ray.config import Recipe, RecipeError, prompts_of
-from rocm_ray.preflight import bounded_placement, placement_retries, raise_if_placement_timeout
+from rocm_ray.preflight import ReplicaWatch, bounded_placement, placement_retries, raise_if_placement_timeout
+from rocm_ray.rewards.base import RewardServiceUnavailable
 from rocm_ray.train.inprocess import RunResult
 from rocm_ray.train.nonfinite import raise_if_stopped
 from rocm_ray.train.ray_worker import (
@@ -285,12 +286,16 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
         start_step = int(read_state(resume_from)["step"]) if resume_from else 0
         t0 = time.perf_counter()
         try:
-            result = trainer.fit()
+            with ReplicaWatch(recipe, service.actors) as watch:  # a lost reward node: a bounded stop
+                result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             cause = _nonfinite_cause(e)
             if cause is not None:
                 raise NonFiniteError(str(cause)) from e
             raise_if_placement_timeout(recipe, e)
+            lost = watch.why_failed()
+            if lost:
+                raise RewardServiceUnavailable(lost) from e
             raise
         raise_if_stopped(result, out_dir, t.steps)  # non-finite steps: stopped, not failed (no retries)
         wall = time.perf_counter() - t0
