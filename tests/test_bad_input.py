@@ -141,12 +141,12 @@ def test_bad_input_is_refused_cleanly(case, inputs, tmp_path, monkeypatch, capsy
         argv.insert(2, f"train.output_dir={out}")
     import ray
 
-    assert not ray.is_initialized()
+    ray_before = ray.is_initialized()
     code = main(argv)
     captured = capsys.readouterr()
     err = captured.err
     assert code == 2, f"{name}: exit {code}\n{err}\n{captured.out}"
-    assert not ray.is_initialized(), "a bad input started Ray"
+    assert ray.is_initialized() == ray_before, "a bad input started Ray"
     assert "Traceback" not in err + captured.out
     assert err.startswith("error: "), err
     lines = err.rstrip("\n").split("\n")
