@@ -91,10 +91,13 @@ def check_model(recipe: Recipe) -> None:
                           "rocm_ray/assets/")
     if _REPO_ID.match(spec) and not spec.startswith((".", "/", "~")):
         snapshot = _hub_snapshot(spec, m.revision, m.cache_dir)
-        if snapshot is not None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True", "yes")
+        complete = snapshot is not None and (snapshot / "unet" / "config.json").is_file() and \
+            (snapshot / "scheduler" / "scheduler_config.json").is_file()
+        if snapshot is not None and (complete or offline):  # online, a partial cache is completed by diffusers
             check_pipeline_folder(snapshot, src, key)
             return
-        if os.environ.get("HF_HUB_OFFLINE", "0") in ("1", "true", "True", "yes"):
+        if offline:
             raise RecipeError(src, key, f"{spec!r} is not in the Hugging Face cache (model.cache_dir: "
                               f"{m.cache_dir or 'the default'}) and HF_HUB_OFFLINE is set; download it once with "
                               f"`huggingface-cli download {spec}` or give a local folder")
