@@ -225,9 +225,20 @@ class PlacementTimeoutError(TimeoutError):
     """The Ray Train workers could not be placed in the bounded wait (the message names the recipe keys)."""
 
 
-def placement_retries() -> int:
-    """``FailureConfig.controller_failure_limit``: Ray's default (-1) retries an unplaceable worker group forever."""
-    return AUTOSCALER_PLACEMENT_RETRIES if autoscaler_max_resources() else 0
+#: at most this many worker-group start-up retries without an autoscaler (``train.max_failures`` below it)
+FIXED_CLUSTER_PLACEMENT_RETRIES = 2
+
+
+def placement_retries(recipe: Recipe) -> int:
+    """``FailureConfig.controller_failure_limit``: Ray's default (-1) retries an unplaceable worker group forever.
+
+    With an autoscaler: :data:`AUTOSCALER_PLACEMENT_RETRIES` (new nodes take minutes); on a fixed cluster
+    ``train.max_failures`` (a start-up can fail for a transient reason too), at most
+    :data:`FIXED_CLUSTER_PLACEMENT_RETRIES`.
+    """
+    if autoscaler_max_resources():
+        return AUTOSCALER_PLACEMENT_RETRIES
+    return min(max(recipe.train.max_failures, 0), FIXED_CLUSTER_PLACEMENT_RETRIES)
 
 
 def bounded_placement(recipe: Recipe) -> None:

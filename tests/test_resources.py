@@ -59,7 +59,8 @@ def test_run_that_cannot_fit_fails_fast(small_ray, tmp_path, overrides, words):
 
 def test_run_that_fits_but_cannot_be_placed_times_out(small_ray, tmp_path, monkeypatch):
     """1 worker + 1 reward replica fit the 2 CPUs, but another actor holds one: the workers' placement
-    waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (5 s here; 20 s by default) once, then the run fails."""
+    waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (5 s here; 20 s by default) once (train.max_failures=0;
+    at most 2 retries otherwise), then the run fails."""
     from rocm_ray.preflight import PlacementTimeoutError
     from rocm_ray.rewards.service import RewardService
     from rocm_ray.train.ray_trainer import train_ray
@@ -67,7 +68,7 @@ def test_run_that_fits_but_cannot_be_placed_times_out(small_ray, tmp_path, monke
     ray = small_ray
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
     recipe = load_recipe("recipes/tiny_ray.yaml", [f"train.output_dir={tmp_path}/out", "train.num_workers=1",
-                                                   "train.zero_stage=0"])
+                                                   "train.zero_stage=0", "train.max_failures=0"])
 
     @ray.remote(num_cpus=1)
     class Blocker:

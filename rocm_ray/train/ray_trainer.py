@@ -279,7 +279,7 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
                 resources_per_worker={"CPU": r.cpus_per_worker, **r.worker_resources}),
             run_config=RunConfig(name=recipe.name, storage_path=str(storage),
                                  failure_config=FailureConfig(max_failures=t.max_failures,
-                                                              controller_failure_limit=placement_retries()),
+                                                              controller_failure_limit=placement_retries(recipe)),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  callbacks=list(callbacks or [])),
         )
