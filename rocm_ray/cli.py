@@ -30,7 +30,10 @@ def _load(args) -> object:
 
 
 def cmd_train(args) -> int:
+    from rocm_ray.preflight import check_model
+
     recipe = _load(args)
+    check_model(recipe)  # before anything is written or Ray starts
     uses_ray = recipe.train.num_workers >= 1
     if uses_ray:
         from rocm_ray.train.ray_trainer import train_ray
@@ -38,8 +41,8 @@ def cmd_train(args) -> int:
         train_ray(recipe, resume=args.resume)
     else:
         if args.resume:
-            return _fail("--resume needs the Ray path (train.num_workers >= 1); the in-process trainer "
-                         "restarts from step 0")
+            return _fail(f"{recipe.source}: --resume needs the Ray path (train.num_workers >= 1); the in-process "
+                         "trainer restarts from step 0: run without --resume")
         from rocm_ray.train.inprocess import train_inprocess
 
         train_inprocess(recipe)
@@ -121,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     from rocm_ray.config import RecipeError
     from rocm_ray.models.policy import ModelLoadError
+    from rocm_ray.preflight import PlacementTimeoutError
     from rocm_ray.train.step import NonFiniteError
 
-    bad_input: tuple[type[BaseException], ...] = (RecipeError, ModelLoadError)
+    bad_input: tuple[type[BaseException], ...] = (RecipeError, ModelLoadError, PlacementTimeoutError)
     try:
         from rocm_ray.rewards.base import RewardModelLoadError, RewardModelNotFoundError, RewardServiceUnavailable
 

@@ -8,6 +8,7 @@ missing file is a :class:`RecipeError` that names the recipe file, the key path 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads YAML 1.2 floats without a dot (``1e-4``, ``3E+2``) as numbers.
+
+    YAML 1.1 (PyYAML) reads ``lr: 1e-4`` as the string ``"1e-4"``; every Hydra/OmegaConf user writes it so.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 exponent floats (``3e-3`` is the number 0.003, not a string)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+_NUMBER = re.compile(r"^\s*[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?\s*$")
+
+
+def as_number(value: Any) -> Any:
+    """A string that spells a decimal number (``"3e-3"``, ``"1.0E-4"``) as that float; anything else as is."""
+    if isinstance(value, str) and _NUMBER.match(value):
+        return float(value.replace("_", ""))
+    return value
+
 
 DIVERGENCE_NAMES = ("kl", "reverse_kl", "js", "hellinger", "chi2", "tv", "fisher", "w2", "none")
 
@@ -102,6 +130,7 @@ class TrainConfig:
     cpu_threads: int | None = _f(None, ge=1, help="torch CPU threads of the in-process trainer (null = torch's)")
     micro_batch_size: int | None = _f(None, ge=1, help="images per micro-batch of a Ray worker (gradient "
                                       "accumulation; remote scoring overlaps sampling); null = whole shard")
+    max_nonfinite_steps: int = _f(3, ge=1, help="non-finite (NaN/inf) steps in a row skipped before the run stops")
 
 
 @dataclass
@@ -229,6 +258,7 @@ def _convert(value: Any, tp: Any, source: str, key: str) -> Any:
             return value
         raise err
     if tp is float:
+        value = as_number(value)  # "3e-3" written where a number belongs: the number meant
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise err
@@ -298,7 +328,7 @@ def parse_overrides(overrides: list[str], source: str = "command line") -> list[
             raise RecipeError(source, o, "an override must look like key.path=value, e.g. algorithm.beta=0.1")
         k, v = o.split("=", 1)
         try:
-            out.append((k.strip(), yaml.safe_load(v) if v != "" else ""))
+            out.append((k.strip(), yaml_load(v) if v != "" else ""))
         except yaml.YAMLError as e:
             raise RecipeError(source, k, f"cannot parse value {v!r}: {e}") from None
     return out
@@ -310,7 +340,7 @@ def recipe_from_dict(data: dict, source: str = "<dict>", overrides: list[str] | 
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(source, "", "a recipe must be a YAML mapping of sections (model:, reward:, ...)")
-    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy
+    data = yaml_load(yaml.safe_dump(data))  # deep copy
     for key, value in parse_overrides(overrides or [], source):
         _set_dotted(data, key, value, source)
     recipe = _build(Recipe, data, source, "")
@@ -328,10 +358,7 @@ def load_yaml_config(path: str | Path, cls: type, overrides: list[str] | None = 
     p = Path(path)
     if not p.is_file():
         raise RecipeError(str(path), "", "file not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(str(path), "", f"not valid YAML: {e}") from None
+    data = _read_yaml(p) or {}
     if not isinstance(data, dict):
         raise RecipeError(str(path), "", "expected a YAML mapping of keys")
     for key, value in parse_overrides(overrides or [], str(path)):
@@ -346,12 +373,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Load ``path`` (YAML) with ``key=value`` overrides into a checked :class:`Recipe`."""
     p = Path(path)
     if not p.is_file():
-        raise RecipeError(str(path), "", "recipe file not found (recipes live in recipes/*.yaml)")
+        what = "is a folder, not a recipe file" if p.is_dir() else "recipe file not found"
+        raise RecipeError(str(path), "", f"{what} (recipes live in recipes/*.yaml)")
+    return recipe_from_dict(_read_yaml(p), str(path), overrides)
+
+
+def _read_yaml(p: Path) -> Any:
+    """The YAML document in ``p``; a file that is not UTF-8 text or not YAML is a :class:`RecipeError`."""
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(str(p), "", f"not a UTF-8 text file (byte {e.start}): a recipe is a YAML text file "
+                          "such as recipes/tiny_debug.yaml") from None
+    except OSError as e:
+        raise RecipeError(str(p), "", f"cannot read the file: {e.strerror}") from None
+    try:
+        return yaml_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(str(path), "", f"not valid YAML: {e}") from None
-    return recipe_from_dict(data, str(path), overrides)
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(str(p), "", f"not valid YAML{at}: {problem}; a recipe is a YAML mapping of "
+                          "sections (model:, reward:, algorithm:, data:, train:, ...)") from None
 
 
 def _validate(r: Recipe) -> None:
@@ -363,10 +406,14 @@ def _validate(r: Recipe) -> None:
             pf = Path(r.source).parent / pf
         if not pf.is_file():
             raise RecipeError(src, "data.prompts_file", f"file not found: {r.data.prompts_file}")
+        _read_prompts(pf, src)
     if not r.data.prompts and r.data.prompts_file is None:
         raise RecipeError(src, "data.prompts", "no training prompts: give data.prompts or data.prompts_file")
     if not r.reward.models:
         raise RecipeError(src, "reward.models", "no reward model: add at least one (name, weight, path)")
+    if all(m.weight == 0 for m in r.reward.models):
+        raise RecipeError(src, "reward.models.0.weight", "every reward weight is 0: nothing to optimize; give "
+                          "at least one reward a non-zero weight (e.g. reward.models.0.weight=1.0)")
     if r.algorithm.truncate_steps is not None and r.algorithm.truncate_steps > r.algorithm.num_inference_steps:
         raise RecipeError(src, "algorithm.truncate_steps",
                           f"must be <= algorithm.num_inference_steps ({r.algorithm.num_inference_steps})")
@@ -384,16 +431,37 @@ def _validate(r: Recipe) -> None:
                           f"must divide the per-worker batch (train.batch_size / train.num_workers = "
                           f"{r.train.batch_size // workers}), got {mb}")
     from rocm_ray.rewards import available_scorers, scorer_options  # lazy: imports torch
+    from rocm_ray.rewards.base import _DIFFERENTIABLE
 
     names = available_scorers()
     for i, m in enumerate(r.reward.models):
         if m.name not in names:
             raise RecipeError(src, f"reward.models.{i}.name", f"unknown reward {m.name!r}; one of: {', '.join(names)}")
+        if getattr(r.algorithm, "name", "rocm") == "rocm" and m.name not in _DIFFERENTIABLE:
+            raise RecipeError(src, f"reward.models.{i}.name",
+                              f"reward {m.name!r} is not differentiable, and ROCM backpropagates through the "
+                              f"reward: choose one of {', '.join(_DIFFERENTIABLE)}")
         for opt in ("head_path", "tokenizer_path"):
             if getattr(m, opt) is not None and opt not in scorer_options(m.name):
                 raise RecipeError(src, f"reward.models.{i}.{opt}",
                                   f"reward {m.name!r} takes no {opt}; its options: "
                                   f"{', '.join(scorer_options(m.name)) or 'none'}")
+
+
+def _read_prompts(pf: Path, source: str) -> list[str]:
+    """The prompts of a prompts file (one a line, ``#`` comments); not UTF-8 or no prompt: a RecipeError."""
+    try:
+        text = pf.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(source, "data.prompts_file", f"{pf} is not UTF-8 text (byte {e.start}): save it as "
+                          "UTF-8, one prompt a line") from None
+    except OSError as e:
+        raise RecipeError(source, "data.prompts_file", f"cannot read {pf}: {e.strerror}") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not prompts:
+        raise RecipeError(source, "data.prompts_file", f"{pf} holds no prompt (empty, or only # comments): "
+                          "write one prompt a line")
+    return prompts
 
 
 def prompts_of(recipe: Recipe) -> list[str]:
@@ -403,7 +471,7 @@ def prompts_of(recipe: Recipe) -> list[str]:
         pf = Path(recipe.data.prompts_file)
         if not pf.is_absolute() and not pf.exists():
             pf = Path(recipe.source).parent / pf
-        prompts += [ln.strip() for ln in pf.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        prompts += _read_prompts(pf, recipe.source)
     return prompts
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rocm_ray.config import Recipe, RecipeError, recipe_from_dict
+from rocm_ray.config import Recipe, RecipeError, as_number, recipe_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
 #: metrics every trial reports (plus ``div_step_<n>`` and ``reward_<scorer>`` for mixtures)
@@ -130,7 +130,7 @@ def parse_search_space(recipe: Recipe) -> list[SearchKey]:
         if isinstance(spec, list):
             if not spec:
                 raise RecipeError(src, where, "an empty grid: give at least one value")
-            out.append(SearchKey(key, "grid", tuple(spec)))
+            out.append(SearchKey(key, "grid", tuple(as_number(v) for v in spec)))  # "1e-3": the number
         elif isinstance(spec, dict):
             if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
                 raise RecipeError(src, where, "a distribution is a mapping with one key, one of "
@@ -141,7 +141,7 @@ def parse_search_space(recipe: Recipe) -> list[SearchKey]:
                 raise RecipeError(src, where, f"{kind} takes a list, e.g. {{{kind}: [0.1, 1.0]}}; "
                                   f"got {args!r}")
             if kind == "choice":
-                out.append(SearchKey(key, "choice", tuple(args)))
+                out.append(SearchKey(key, "choice", tuple(as_number(v) for v in args)))
                 continue
             if len(args) != 2:
                 raise RecipeError(src, where, f"{kind} takes [low, high]; got {args!r}")
@@ -573,6 +573,9 @@ def _start_ray(recipe: Recipe, dashboard: bool = False) -> bool:
         if dashboard:
             opts["dashboard_host"] = "127.0.0.1"
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        from rocm_ray.security import apply_local_ray_env
+
+        apply_local_ray_env()  # every Ray server on 127.0.0.1, token auth with a token of this process
         ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True, **opts)  # our own Ray
     return True
 

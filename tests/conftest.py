@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 
+# The tests never touch the user's home: HOME is a folder of this session (Ray would write ~/.ray/auth_token,
+# matplotlib and W&B their caches and settings); the real one stays in ROCM_RAY_TESTS_REAL_HOME.
+_home = tempfile.mkdtemp(prefix="rocm_ray_home_")
+atexit.register(shutil.rmtree, _home, ignore_errors=True)
+os.environ.setdefault("ROCM_RAY_TESTS_REAL_HOME", os.path.expanduser("~"))
+os.environ["HOME"] = _home
+# Every Ray the tests start listens on 127.0.0.1 and requires a token of this session (rocm_ray.security),
+# whatever ~/.ray/auth_token holds; tests that start a `ray start` head pass their own settings.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+if not any(v in os.environ for v in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -72,7 +72,7 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     (["train", "recipes/does_not_exist.yaml"], "recipe file not found"),
     (["train", "recipes/tiny_debug.yaml", "algorithm.beta=-3"], "algorithm.beta: must be >= 0"),
     (["check", "recipes/tiny_debug.yaml", "train.bogus=1"], "train.bogus: unknown key"),
-    (["train", "recipes/tiny_debug.yaml", "model.pretrained=/nonexistent/lcm"], "cannot load the LCM pipeline"),
+    (["train", "recipes/tiny_debug.yaml", "model.pretrained=/nonexistent/lcm"], "model.pretrained: no such folder"),
 ])
 def test_cli_bad_input_exits_2_without_traceback(argv, needle, capsys):
     assert main(argv) == 2

@@ -694,17 +694,24 @@ def test_hpsv21_reads_its_own_file_and_bare_state_dicts(hps_checkpoint, clip_tok
     assert torch.allclose(v2.score(images, PROMPTS[:2]), v21.score(images, PROMPTS[:2]), atol=1e-6)
 
 
-def test_hps_training_checkpoint_with_python_objects_loads_with_warning(tmp, hps_checkpoint, clip_tok):
-    """Training checkpoints may pickle more than tensors (e.g. argparse args): weights_only falls back."""
+def test_hps_training_checkpoint_with_python_objects_loads_with_weights_only(tmp, hps_checkpoint, clip_tok):
+    """Training checkpoints may pickle plain data next to the tensors (argparse args, numpy scalars): loaded with
+    weights_only=True; anything else in the pickle is refused, never unpickled."""
     import argparse
+    import pathlib
+
+    import numpy as np
 
     _, cfg, _, sd = hps_checkpoint
     folder = tmp / "hps_training_ckpt"
     folder.mkdir()
-    torch.save({"args": argparse.Namespace(lr=1e-5), "state_dict": sd}, folder / "HPS_v2_compressed.pt")
-    with pytest.warns(UserWarning, match="weights_only=False"):
-        scorer = build_scorer("hpsv2", path=str(folder), tokenizer_path=str(clip_tok), model_config=cfg)
+    torch.save({"args": argparse.Namespace(lr=1e-5, wd=np.float64(0.1)), "state_dict": sd},
+               folder / "HPS_v2_compressed.pt")
+    scorer = build_scorer("hpsv2", path=str(folder), tokenizer_path=str(clip_tok), model_config=cfg)
     assert scorer.score(smooth_images(1, 32, 32), ["a cat"]).shape == (1,)
+    torch.save({"args": pathlib.PurePosixPath("/x"), "state_dict": sd}, folder / "HPS_v2_compressed.pt")
+    with pytest.raises(RewardModelLoadError, match="weights_only=True"):
+        build_scorer("hpsv2", path=str(folder), tokenizer_path=str(clip_tok), model_config=cfg)
 
 
 def test_hps_missing_and_corrupt_checkpoints(tmp, hps_checkpoint, clip_tok, hf_cache):

@@ -308,7 +308,7 @@ class Checkpointer:
     def load(self) -> dict | None:
         """The saved state, or ``None`` when the stage starts fresh."""
         if self.path.is_file():
-            return torch.load(self.path, map_location="cpu", weights_only=False)
+            return torch.load(self.path, map_location="cpu", weights_only=True)  # tensors, dicts, ints only
         return None
 
     def maybe_save(self, state_fn: Callable[[], dict], force: bool = False) -> None:

@@ -16,7 +16,6 @@ import inspect
 import json
 import pickle
 import re
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -209,29 +208,39 @@ def read_json(path: Path, *, model: str, source: str) -> dict[str, Any]:
         raise load_error(model, path, "a JSON file", source, exc) from exc
 
 
-def load_torch_file(path: Path, *, model: str, expected: str, source: str) -> Any:
-    """Load a checkpoint on CPU; any failure becomes ``RewardModelLoadError``.
+def _checkpoint_globals() -> list:
+    """Plain-data classes official training checkpoints pickle next to the weights (argparse arguments,
+    numpy scalars): allowed in a ``weights_only=True`` load, which never runs code from the file."""
+    import argparse
 
-    Tries ``weights_only=True`` first. Some official training checkpoints pickle extra Python objects
-    next to the weights (the official loaders use a plain ``torch.load``); for those we fall back to a
-    full unpickle of this local file, with a warning.
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    found = [argparse.Namespace, np.dtype, core.multiarray.scalar]
+    found += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", object())) if n.endswith("DType")]
+    return found
+
+
+def load_torch_file(path: Path, *, model: str, expected: str, source: str) -> Any:
+    """Load a checkpoint on CPU, tensors and plain data only; any failure becomes ``RewardModelLoadError``.
+
+    Always ``weights_only=True`` (no code from the file runs), with the plain-data classes training
+    checkpoints carry (argparse arguments, numpy scalars) allowed; a file that pickles anything else is
+    refused with a message saying how to convert it.
     """
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
             return torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            if "unsupported global" not in str(exc).lower():  # garbage, not a pickled Python object
-                raise
-            warnings.warn(
-                f"{model}: {path} holds more than tensors; loading it with weights_only=False "
-                "(only do this for files from the official source)",
-                stacklevel=3,
-            )
-            return torch.load(str(path), map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as exc:
+        line = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln), "")
+        raise load_error(model, path, expected, source, RuntimeError(
+            f"it pickles Python objects besides tensors ({line or 'not plain data'}); rocm_ray loads checkpoints "
+            "with torch.load(weights_only=True) only: save its state_dict with safetensors (or torch.save of the "
+            "tensors) from a trusted environment and point the recipe at that file")) from exc
     except Exception as exc:
         raise load_error(model, path, expected, source, exc) from exc
 

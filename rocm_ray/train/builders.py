@@ -29,6 +29,12 @@ def build_reward(cfg: RewardConfig, device: str | torch.device = "cpu", algorith
 def build_policy(recipe: Recipe, device: str | torch.device = "cpu") -> Policy:
     m = recipe.model
     pipe = load_pipeline(m.pretrained, m.revision, m.cache_dir, m.dtype, device)
+    if pipe.unet.config.time_cond_proj_dim is None:
+        from rocm_ray.models.policy import ModelLoadError
+
+        raise ModelLoadError(f"{recipe.source}: model.pretrained: the UNet of {m.pretrained!r} has no guidance "
+                             "embedding (time_cond_proj_dim is null), so algorithm.guidance_scale would be "
+                             "ignored; use an LCM distilled with one, e.g. SimianLuo/LCM_Dreamshaper_v7")
     return make_policy(pipe, m.lora_rank, m.lora_alpha, m.lora_targets, seed=recipe.train.seed)
 
 

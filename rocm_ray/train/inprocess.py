@@ -17,8 +17,9 @@ from rocm_ray.evaluate import judge_accuracy, score_images
 from rocm_ray.models.policy import save_policy_weights
 from rocm_ray.rewards.gradient import score_with_grad
 from rocm_ray.train.builders import build_policy, build_reward, eval_grid_inputs, generate
+from rocm_ray.train.nonfinite import NonFiniteGuard, guarded_step, save_last_good, skipped_row
 from rocm_ray.train.outputs import MetricsLog, SampleLog, plot_curves, save_before_after, write_summary
-from rocm_ray.train.step import NonFiniteError, rocm_step, step_batch
+from rocm_ray.train.step import rocm_step, step_batch
 
 
 @dataclass
@@ -77,12 +78,12 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
         torch.set_num_threads(t.cpu_threads)
     torch.manual_seed(t.seed)
     out_dir = recipe.output_path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     prompts = prompts_of(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = build_policy(recipe, device)
     scorer = build_reward(recipe.reward, device)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs loaded: a bad input writes nothing
+    (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     params = policy.trainable_parameters()
     n_params = sum(p.numel() for p in params)
     kind = f"LoRA r={recipe.model.lora_rank}" if policy.lora else "full"
@@ -101,17 +102,29 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
                      recipe.logging.tensorboard, recipe.name, recipe.to_dict())
     kwargs = step_kwargs(recipe, device)
     reward_fn = lambda images, ps: score_with_grad(scorer, images, ps)  # noqa: E731
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
     t_start = time.perf_counter()
     for step in range(1, t.steps + 1):
         t0 = time.perf_counter()
         ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
         opt.zero_grad(set_to_none=True)
-        res = rocm_step(policy, ps, seeds, reward_fn, **kwargs)
-        gn = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
-        if not torch.isfinite(gn):
-            raise NonFiniteError(f"step {step}: gradient norm is {float(gn)}; lower train.lr or algorithm.beta")
+        res, skip = guarded_step(
+            lambda bw, ps=ps, seeds=seeds: rocm_step(policy, ps, seeds, reward_fn, backward=bw, **kwargs),
+            lambda loss: loss.backward())
+        gn = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf) \
+            if skip is None else torch.tensor(math.nan)
+        if skip is not None or not torch.isfinite(gn):  # skipped: no optimizer step, nothing changes
+            opt.zero_grad(set_to_none=True)
+            guard.skip(step, skip or f"the gradient norm is {float(gn)}")
+            log.log(guard.annotate(skipped_row(step, log.rows[-1] if log.rows else None, res, float(gn),
+                                               time.perf_counter() - t0, t.batch_size, t.lr), skipped=True))
+            if guard.exhausted:
+                log.close()
+                raise guard.stop_error(step, save_last_good(policy, out_dir, step - guard.in_a_row, guard.last_reason))
+            continue
         opt.step()
-        row = metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr)
+        guard.ok()
+        row = guard.annotate(metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr), False)
         log.log(row)
         if on_step is not None:
             on_step(row)

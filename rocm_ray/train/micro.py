@@ -114,13 +114,15 @@ def merge_results(parts: list[StepResult]) -> StepResult:
 
 def micro_batch_step(policy: Policy, prompts: list[str], seeds: list[int], reward: Any, engine: Any,
                      micro: int | None, clock: PhaseClock, overlap: bool = True, ref_engine: Any = None,
-                     **kwargs: Any) -> StepResult:
+                     backward: Any = None, **kwargs: Any) -> StepResult:
     """Sample, score and backpropagate a worker's shard in micro-batches of ``micro`` images.
 
     ``reward``: a :class:`~rocm_ray.rewards.service.RewardClient` or ``LocalReward`` (``submit`` ->
     ``.result()``). ``engine``: the DeepSpeed engine (its forward, backward and accumulation ``step``);
     the caller makes the final ``engine.step()``. ``overlap=False``: the sequential schedule.
     ``ref_engine``: the ZeRO-3 engine of a partitioned reference (re-partitioned after every backward).
+    ``backward``: the backward of each micro-batch's surrogate (default ``engine.backward``; the non-finite
+    guard passes one that first agrees with the other ranks).
     ``kwargs``: :func:`rocm_ray.train.inprocess.step_kwargs`.
     """
     from rocm_ray.train.ds_engine import release_reference
@@ -156,7 +158,7 @@ def micro_batch_step(policy: Policy, prompts: list[str], seeds: list[int], rewar
         if nxt is not None:
             pending = submit(nxt)
         t0 = clock.now()
-        results.append(finish_step(current, r, g, parts, backward=engine.backward, **kwargs))
+        results.append(finish_step(current, r, g, parts, backward=backward or engine.backward, **kwargs))
         release_reference(ref_engine)
         clock.add("backward", t0)
         if not last:

@@ -28,7 +28,10 @@ from typing import Any
 import torch
 
 from rocm_ray.config import Recipe, RecipeError, prompts_of
+from rocm_ray.preflight import ReplicaWatch, bounded_placement, placement_retries, raise_if_placement_timeout
+from rocm_ray.rewards.base import RewardServiceUnavailable
 from rocm_ray.train.inprocess import RunResult
+from rocm_ray.train.nonfinite import raise_if_stopped
 from rocm_ray.train.ray_worker import (
     SAMPLES_FILE,
     STATE_FILE,
@@ -70,10 +73,15 @@ def connect_ray(address: str | None, num_cpus_needed: float = 1.0) -> bool:
 
 
 def local_ray_options() -> dict[str, Any]:
-    """``ray.init`` options of a local Ray on loopback only (no dashboard), with quiet Ray Train logs."""
+    """``ray.init`` options of a local Ray on loopback only (no dashboard), with quiet Ray Train logs.
+
+    Also sets this process's environment for it (rocm_ray.security): every Ray server on 127.0.0.1, token auth.
+    """
+    from rocm_ray.security import apply_local_ray_env
     from rocm_ray.train.ray_logging import SETUP_HOOK
 
-    return {"_node_ip_address": "127.0.0.1", "include_dashboard": False,
+    apply_local_ray_env()  # loopback only, token auth with a token of this process (nothing in ~/.ray)
+    return {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
             "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
 
 
@@ -93,6 +101,9 @@ def stop_local_ray(grace_s: float = 5.0) -> None:
     except Exception:  # noqa: BLE001 - cleanup is best effort
         procs = []
     ray.shutdown()
+    from rocm_ray.security import restore_env
+
+    restore_env()
     if not procs:
         return
     _, alive = psutil.wait_procs(procs, timeout=grace_s)
@@ -206,14 +217,16 @@ def _read_final(d: Path) -> tuple[dict, dict, list]:
 
 
 def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, callbacks: list | None = None,
-              deepspeed: dict[str, Any] | None = None, fail_at_step: int | None = None) -> RunResult:
+              deepspeed: dict[str, Any] | None = None, fail_at_step: int | None = None,
+              nonfinite_at: dict[int, str] | None = None) -> RunResult:
     """Fine-tune with regularized ROCM on Ray Train workers (DeepSpeed) and a RewardService.
 
     ``service``: an existing :class:`RewardService` to use (tests, several runs sharing reward replicas);
     else one is started from ``recipe.ray`` and stopped at the end. ``callbacks``: Ray Train ``UserCallback``s
     for the ``RunConfig`` (Tune's ``TuneReportCallback``: every worker report reaches Tune). ``deepspeed``:
     overrides of the DeepSpeed config (advanced). ``fail_at_step``: test hook, every worker raises once at
-    that step of a run not resumed.
+    that step of a run not resumed. ``nonfinite_at``: test hook, ``{step: kind}`` non-finite values injected
+    into the reward (rocm_ray.train.nonfinite.inject_nonfinite).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -228,24 +241,26 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
     quiet_ray_train()
     t, r = recipe.train, recipe.ray
     out_dir = resolve_output_dir(recipe)
-    out_dir.mkdir(parents=True, exist_ok=True)
     storage = out_dir / "ray"
     run_dir = storage / recipe.name
     resume_from = latest_checkpoint(run_dir) if resume else None
     if resume and resume_from is None:
-        print(f"rocm-ray: --resume: no checkpoint in {run_dir}; starting from step 0", flush=True)
-    if not resume and run_dir.exists():
-        prev = storage / f"{recipe.name}.previous"
-        shutil.rmtree(prev, ignore_errors=True)
-        run_dir.rename(prev)
-        print(f"rocm-ray: a fresh run: moved the previous run's checkpoints to {prev}", flush=True)
-    (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
+        raise RecipeError(recipe.source, "--resume", f"no complete checkpoint in {run_dir} (train.output_dir "
+                          f"{t.output_dir}, name {recipe.name}): run without --resume to start from step 0")
     prompts = prompts_of(recipe)
 
     needed = t.num_workers * r.cpus_per_worker + r.reward_replicas * r.reward_num_cpus + 1
     started = connect_ray(r.address, needed)
     own_service = service is None and r.reward_placement == "remote"
     try:
+        bounded_placement(recipe)  # fails in seconds, before anything is written, if the run cannot fit
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and run_dir.exists():
+            prev = storage / f"{recipe.name}.previous"
+            shutil.rmtree(prev, ignore_errors=True)
+            run_dir.rename(prev)
+            print(f"rocm-ray: a fresh run: moved the previous run's checkpoints to {prev}", flush=True)
+        (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
         if own_service:
             service = RewardService.from_recipe(recipe)
         client, scorer = driver_reward(recipe, service)  # colocated: no client, the driver's own scorer
@@ -253,27 +268,35 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
             train_loop_per_worker,
             train_loop_config={"recipe": recipe, "prompts": prompts, "reward_client": client,
                                "resume_from": str(resume_from) if resume_from else None,
-                               "deepspeed": deepspeed, "fail_at_step": fail_at_step},
+                               "deepspeed": deepspeed, "fail_at_step": fail_at_step,
+                               "nonfinite_at": nonfinite_at},
             scaling_config=ScalingConfig(
                 num_workers=t.num_workers, use_gpu=t.use_gpu,
                 resources_per_worker={"CPU": r.cpus_per_worker, **r.worker_resources}),
             run_config=RunConfig(name=recipe.name, storage_path=str(storage),
-                                 failure_config=FailureConfig(max_failures=t.max_failures),
+                                 failure_config=FailureConfig(max_failures=t.max_failures,
+                                                              controller_failure_limit=placement_retries(recipe)),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  callbacks=list(callbacks or [])),
         )
         start_step = int(read_state(resume_from)["step"]) if resume_from else 0
         t0 = time.perf_counter()
         try:
-            result = trainer.fit()
+            with ReplicaWatch(recipe, service.actors if service is not None else []) as watch:  # a lost reward node: a bounded stop
+                result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             cause = _nonfinite_cause(e)
             if cause is not None:
                 raise NonFiniteError(str(cause)) from e
+            raise_if_placement_timeout(recipe, e)
+            why = watch.why_failed()
+            if why:
+                raise RewardServiceUnavailable(why) from e
             lost = find_cause(e, RewardServiceError)
             if lost is not None:
                 raise type(lost)(f"{lost} (checkpoints so far: {run_dir})") from e
             raise
+        raise_if_stopped(result, out_dir, t.steps)  # non-finite steps: stopped, not failed (no retries)
         wall = time.perf_counter() - t0
         final = result.checkpoint if result.checkpoint is not None else resume_from
         if final is None:

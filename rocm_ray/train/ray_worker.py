@@ -28,11 +28,18 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from rocm_ray.train.nonfinite import (
+    InjectedReward,
+    NonFiniteGuard,
+    all_ranks_agree,
+    guarded_step,
+    skipped_row,
+    stop_on_nonfinite,
+)
 from rocm_ray.train.step import NonFiniteError, shard, step_batch
 
 STATE_FILE = "state.json"
@@ -55,19 +62,35 @@ def read_state(directory: str | Path) -> dict | None:
         return None
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def save_rng_state(path: Path) -> None:
+    """This process's torch / CUDA / numpy / Python RNG states as safetensors + JSON metadata (no pickle)."""
+    from safetensors.torch import save_file
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    version, internal, gauss_next = random.getstate()
+    meta = {"numpy": json.dumps([kind, int(pos), int(has_gauss), float(gauss)]),
+            "python": json.dumps([version, list(internal), gauss_next])}
+    save_file(tensors, str(path), metadata=meta)
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(path: Path) -> None:
+    """Restore what :func:`save_rng_state` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    torch.set_rng_state(t["torch"])
+    kind, pos, has_gauss, gauss = json.loads(meta["numpy"])
+    np.random.set_state((kind, t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = json.loads(meta["python"])
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = [t[f"cuda_{i}"] for i in range(len(t)) if f"cuda_{i}" in t]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _global_means(values: list[float], device: torch.device, world: int) -> list[float]:
@@ -119,9 +142,9 @@ def _restore(engine, ckpt_dir: Path, rank: int, world: int, stage: int) -> tuple
             f"stage {state['zero_stage']}, this run has {world} at stage {stage}; resume with the same "
             "train.num_workers and train.zero_stage (or start afresh without --resume)")
     load_engine(engine, ckpt_dir)
-    rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+    rng_file = ckpt_dir / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        load_rng_state(rng_file)
     samples = []
     if rank == 0 and (ckpt_dir / SAMPLES_FILE).is_file():
         samples = torch.load(ckpt_dir / SAMPLES_FILE, weights_only=True)
@@ -196,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
               f"{t_imports - t_enter:.1f} s, policy {t_policy - t_imports:.1f} s, DeepSpeed "
               f"{t_engine - t_policy:.1f} s)", flush=True)
 
-    def save_and_report(step: int, metrics: dict) -> None:
+    def save_and_report(step: int, metrics: dict, state_update: dict | None = None) -> None:
         from ray.train import Checkpoint
         from safetensors.torch import save_file
 
@@ -204,42 +227,66 @@ def train_loop_per_worker(config: dict) -> None:
             d = Path(tmp)
             save_engine(engine, d)
             weights = trainable_state_dict(engine)  # collective under ZeRO-3
-            torch.save(_rng_state(), d / f"rng_rank{rank}.pt")
+            save_rng_state(d / f"rng_rank{rank}.safetensors")
             if rank == 0:
                 save_file(weights, str(d / WEIGHTS_FILE))
                 torch.save(samples, d / SAMPLES_FILE)
                 state = {"step": step, "world_size": world, "zero_stage": stage, "name": recipe.name,
-                         "worker_nodes": nodes, "metrics": rows, "timing": timing}
+                         "worker_nodes": nodes, "metrics": rows, "timing": timing, **(state_update or {})}
                 (d / STATE_FILE).write_text(json.dumps(state))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step))
 
+    guard = NonFiniteGuard.from_rows(t.max_nonfinite_steps, rows)
+    agree = all_ranks_agree(device, world)
+    nonfinite_at: dict = config.get("nonfinite_at") or {}
+    if nonfinite_at:  # test hook: this kind of non-finite value at these steps
+        reward = InjectedReward(reward, nonfinite_at, lambda: current[0])
+    current = [0]
     fail_at = config.get("fail_at_step")
     every = t.checkpoint_every
     for step in range(start + 1, t.steps + 1):
         if fail_at is not None and step == fail_at and start == 0:
             raise RuntimeError(f"injected failure at step {step} (test hook fail_at_step)")
         t0 = time.perf_counter()
+        current[0] = step
         clock.times = type(clock.times)()
         ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
         ps, seeds = shard(ps, rank, world), shard(seeds, rank, world)
-        res = micro_batch_step(policy, ps, seeds, reward, engine, t.micro_batch_size, clock, ref_engine=ref_engine,
-                               **kwargs)
-        gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
-        t_opt = clock.now()
-        engine.step()
-        clock.add("optimizer", t_opt)
-        gn = gn if gn is not None else grad_norm(engine)
-        if not math.isfinite(gn):
-            raise NonFiniteError(f"step {step}: gradient norm is {gn}; lower train.lr or algorithm.beta")
+        micro_steps = engine.micro_steps
+        res, skip = guarded_step(lambda bw, ps=ps, seeds=seeds: micro_batch_step(
+            policy, ps, seeds, reward, engine, t.micro_batch_size, clock, ref_engine=ref_engine, backward=bw,
+            **kwargs), engine.backward, agree)
+        gn = math.nan
+        if skip is None:
+            gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
+            if gn is None or math.isfinite(gn):  # ZeRO 1-3: DeepSpeed itself skips a non-finite update
+                t_opt = clock.now()
+                engine.step()
+                clock.add("optimizer", t_opt)
+            gn = gn if gn is not None else grad_norm(engine)
+        elif engine.micro_steps != micro_steps:  # skipped after some micro-batches were accumulated
+            if stage:
+                raise NonFiniteError(f"step {step}: {skip} after {engine.micro_steps - micro_steps} accumulated "
+                                     "micro-batch(es) under ZeRO >= 1, which cannot be rolled back; run without "
+                                     "train.micro_batch_size or with train.zero_stage=0")
+            engine.micro_steps = micro_steps  # stage 0: the gradients are zeroed below (stop_on_nonfinite)
+        if skip is not None or not math.isfinite(gn):  # skipped on every rank: weights and optimizer unchanged
+            if stop_on_nonfinite(guard, step, skip or f"the gradient norm is {gn}", engine, rows, timing, t0,
+                                 skipped_row(step, rows[-1] if rows else None, res, gn, time.perf_counter() - t0,
+                                             t.batch_size, t.lr), save_and_report, world,
+                                 step == t.steps or bool(every and step % every == 0)):
+                return
+            continue
+        guard.ok()
         local = metrics_row(step, res, gn, 1.0, t.batch_size, t.lr)  # this worker's shard
         keys = [k for k in local if k not in ("step", "grad_norm", "images_per_s", "it_per_s", "lr")]
         t_comm = clock.now()
         means = _global_means([float(local[k]) for k in keys], device, world)
         clock.add("communication", t_comm)
         dt = time.perf_counter() - t0
-        row = {**local, **dict(zip(keys, means, strict=True)), "images_per_s": t.batch_size / dt,
-               "it_per_s": 1.0 / dt}
+        row = guard.annotate({**local, **dict(zip(keys, means, strict=True)), "images_per_s": t.batch_size / dt,
+                              "it_per_s": 1.0 / dt}, skipped=False)
         rows.append(row)
         if recipe.logging.sample_every and step % recipe.logging.sample_every == 0 and step != t.steps \
                 and rank == 0:
