@@ -282,7 +282,8 @@ def train_ray(recipe: Recipe, resume: bool = False, *, service: Any = None, call
         start_step = int(read_state(resume_from)["step"]) if resume_from else 0
         t0 = time.perf_counter()
         try:
-            with ReplicaWatch(recipe, service.actors if service is not None else []) as watch:  # a lost reward node: a bounded stop
+            actors = service.actors if service is not None else []  # colocated: no replicas to watch
+            with ReplicaWatch(recipe, actors) as watch:  # a lost reward node: a bounded stop
                 result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             cause = _nonfinite_cause(e)
