@@ -66,13 +66,14 @@ class RewardReplica:
     """
 
     def __init__(self, reward: RewardConfig, max_batch: int = 64, batch_wait_ms: float = 5.0, gather: int = 1,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, algorithm: str = "rocm"):
         from rocm_ray.train.builders import build_reward
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.scorer = build_reward(reward, device=self.device)
+        self.scorer = build_reward(reward, device=self.device, algorithm=algorithm)
+        self.need_grad = algorithm != "ppo"  # PPO needs r only (and may use non-differentiable rewards)
         self.max_batch, self.batch_wait_s, self.gather = max_batch, batch_wait_ms / 1000.0, max(1, gather)
         self._pending: list[_Request] = []
         self._wake: asyncio.Event | None = None
@@ -138,16 +139,17 @@ class RewardReplica:
                     req.future.set_result(res)
 
     def _score_batch(self, batch: list[_Request]) -> list[tuple]:
-        from rocm_ray.rewards.gradient import score_with_grad
+        from rocm_ray.rewards.gradient import score_with_grad, score_without_grad
 
         with warnings.catch_warnings():  # object-store arrays are read-only; score_with_grad copies them
             warnings.simplefilter("ignore", UserWarning)
             parts_in = [torch.from_numpy(r.images) for r in batch]
         images = parts_in[0] if len(parts_in) == 1 else torch.cat(parts_in)  # [B, 3, H, W]
         prompts = [p for r in batch for p in r.prompts]
-        reward, grad, parts = score_with_grad(self.scorer, images.to(self.device), prompts)
+        score = score_with_grad if self.need_grad else score_without_grad
+        reward, grad, parts = score(self.scorer, images.to(self.device), prompts)
         reward = reward.float().cpu().numpy()  # [B]
-        grad = grad.float().cpu().numpy()  # [B, 3, H, W]
+        grad = None if grad is None else grad.float().cpu().numpy()  # [B, 3, H, W]
         parts = {k: v.float().cpu().numpy() for k, v in parts.items()}  # name -> [B]
         self.stats.batches += 1
         self.stats.images += len(prompts)
@@ -155,7 +157,8 @@ class RewardReplica:
         out, i = [], 0
         for r in batch:
             j = i + len(r.prompts)
-            out.append((reward[i:j].copy(), grad[i:j].copy(), {k: v[i:j].copy() for k, v in parts.items()}))
+            out.append((reward[i:j].copy(), None if grad is None else grad[i:j].copy(),
+                        {k: v[i:j].copy() for k, v in parts.items()}))
             i = j
         return out
 
@@ -206,7 +209,7 @@ class RewardClient:
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         r, g, parts = self.score_numpy(images, prompts)
         # copies: the arrays returned from the object store are read-only
-        return (torch.from_numpy(np.array(r)), torch.from_numpy(np.array(g)),
+        return (torch.from_numpy(np.array(r)), None if g is None else torch.from_numpy(np.array(g)),
                 {k: torch.from_numpy(np.array(v)) for k, v in parts.items()})
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
@@ -226,7 +229,8 @@ class RewardService:
 
     def __init__(self, reward: RewardConfig, replicas: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0,
                  resources: dict[str, float] | None = None, max_restarts: int = 3, max_task_retries: int = 3,
-                 max_batch: int = 64, batch_wait_ms: float = 5.0, gather: int = 1, name: str | None = None):
+                 max_batch: int = 64, batch_wait_ms: float = 5.0, gather: int = 1, name: str | None = None,
+                 algorithm: str = "rocm"):
         cls = ray.remote(RewardReplica)
         threads = max(1, int(num_cpus)) if num_cpus else 1
         self.actors = []
@@ -238,7 +242,8 @@ class RewardService:
                                         max_concurrency=1000, scheduling_strategy="DEFAULT")
             if name:
                 opts["name"] = f"{name}-{i}"
-            self.actors.append(cls.options(**opts).remote(reward, max_batch, batch_wait_ms, gather, threads))
+            self.actors.append(cls.options(**opts).remote(reward, max_batch, batch_wait_ms, gather, threads,
+                                                          algorithm))
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, name: str | None = None, **overrides: Any) -> RewardService:
@@ -248,7 +253,7 @@ class RewardService:
         kwargs = dict(replicas=r.reward_replicas, num_gpus=r.reward_num_gpus, num_cpus=r.reward_num_cpus,
                       resources=r.reward_resources, max_restarts=r.max_restarts,
                       max_task_retries=r.max_task_retries, gather=per_replica,
-                      batch_wait_ms=5.0 if per_replica > 1 else 0.0, name=name)
+                      batch_wait_ms=5.0 if per_replica > 1 else 0.0, name=name, algorithm=recipe.algorithm.name)
         kwargs.update(overrides)
         return cls(recipe.reward, **kwargs)
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rocm_ray.train.ppo_step import group_of
 from rocm_ray.train.step import NonFiniteError, rocm_step, shard, step_batch
 
 STATE_FILE = "state.json"
@@ -180,6 +181,11 @@ def train_loop_per_worker(config: dict) -> None:
         return out
 
     kwargs = step_kwargs(recipe, device)
+    step_fn = rocm_step
+    if recipe.algorithm.name == "ppo":  # RLCM-style PPO: inner updates stepped through the engine
+        from rocm_ray.train.ppo_step import engine_optimizer_step, ppo_step
+
+        step_fn, kwargs["optimizer_step"] = ppo_step, engine_optimizer_step(engine, t.zero_stage)
     nodes: list[str] = [""] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
@@ -225,9 +231,9 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"injected failure at step {step} (test hook fail_at_step)")
         t0 = time.perf_counter()
         reward_s[0] = 0.0
-        ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
+        ps, seeds = step_batch(prompts, t.batch_size, step, t.seed, group=group_of(recipe))
         ps, seeds = shard(ps, rank, world), shard(seeds, rank, world)
-        res = rocm_step(policy, ps, seeds, reward_fn, eps_fn=policy.eps_fn(engine), backward=engine.backward,
+        res = step_fn(policy, ps, seeds, reward_fn, eps_fn=policy.eps_fn(engine), backward=engine.backward,
                         **kwargs)
         gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
         engine.step()
