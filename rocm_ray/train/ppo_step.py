@@ -53,6 +53,7 @@ class Rollout:
     timesteps: list[int]  # t_n of each sampled step, K
     scales: list[float]  # sqrt(abar_{n+1}): the kernel mean is scale * d_theta(x_n, t_n), K
     variances: list[float]  # 1 - abar_{n+1}, K
+    means: list[Tensor]  # the sampling policy's kernel means, K x [B, C, h, w]
     ref_means: list[Tensor | None]  # the reference kernel means, K x [B, C, h, w] (None: no penalty)
     old_log_probs: Tensor  # [B, K] under the sampling policy
     images: Tensor  # [B, 3, H, W] in [0, 1]
@@ -99,7 +100,8 @@ def sample_rollout(policy: Policy, prompts: list[str], seeds: list[int], eps_fn:
     return Rollout(text=text, w_emb=w_emb, states=states, samples=samples,
                    timesteps=[k.timestep for k in traj.kernels],
                    scales=[math.sqrt(a) for a in _next_abars(policy.scheduler, traj.timesteps, len(traj.kernels))],
-                   variances=[k.var for k in traj.kernels], ref_means=[k.mean_ref for k in traj.kernels],
+                   variances=[k.var for k in traj.kernels], means=[k.mean_policy for k in traj.kernels],
+                   ref_means=[k.mean_ref for k in traj.kernels],
                    old_log_probs=old, images=images)
 
 
@@ -160,9 +162,13 @@ def ppo_step(
     gen = torch.Generator().manual_seed(int(seeds[0]) % (2**63))  # the same minibatches on every path
     updates = [(e, idx) for e in range(epochs)
                for idx in minibatch_indices(batch // group_size, group_size, minibatches, gen)]
-    first_divs = torch.zeros(batch, n_steps)  # [B, K] at the sampling policy (epoch 0)
+    first_divs = torch.zeros(batch, n_steps)  # [B, K] of the sampling policy, at the visited states
+    if regularize:
+        first_divs = torch.stack([gaussian_divergence(regularizer, m.float(), r.float(), v, reduction=reduction)
+                                  for m, r, v in zip(ro.means, ro.ref_means, ro.variances, strict=True)],
+                                 1).cpu()  # [B, K]
     losses, clip_fracs, approx_kls = [], [], []
-    for u, (epoch, idx) in enumerate(updates):
+    for u, (_, idx) in enumerate(updates):
         idx = idx.to(device)
         lps, divs = [], []
         for k in range(n_steps):
@@ -176,8 +182,6 @@ def ppo_step(
         if not math.isfinite(float(terms.surrogate.detach())):
             raise NonFiniteError(f"non-finite PPO loss (update {u + 1}/{len(updates)}): lower train.lr or "
                                  "algorithm.beta")
-        if epoch == 0 and penalty is not None:
-            first_divs[idx.cpu()] = penalty.detach().float().cpu()
         backward(terms.surrogate)
         losses.append(float(terms.surrogate.detach()))
         clip_fracs.append(terms.clip_fraction)
