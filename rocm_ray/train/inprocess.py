@@ -73,10 +73,13 @@ def evaluate_before_after(recipe: Recipe, policy, scorer, prompts: list[str], re
     return out
 
 
-def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = None) -> RunResult:
+def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = None,
+                    evaluate: Callable[[int, object], dict] | None = None) -> RunResult:
     """Fine-tune ``recipe.model`` toward ``recipe.reward`` with regularized ROCM, in this process.
 
     ``on_step(row)`` is called with each step's metrics row (Ray Tune reports through it).
+    ``evaluate(step, policy)`` (benchmarks' learning curves) may add metrics to a step's row; its time is
+    not counted in the row's ``it_per_s``.
     """
     t = recipe.train
     if t.cpu_threads is not None:
@@ -122,6 +125,8 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
             raise NonFiniteError(f"step {step}: gradient norm is {float(gn)}; lower train.lr or algorithm.beta")
         opt.step()
         row = metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr)
+        if evaluate is not None:
+            row.update(evaluate(step, policy))
         log.log(row)
         if on_step is not None:
             on_step(row)
