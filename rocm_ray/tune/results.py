@@ -33,6 +33,8 @@ class ResultSummary:
     results_md: Path
     pareto_png: Path | None
     errors: list[str] = field(default_factory=list)
+    best_recipe: Path | None = None  # best_recipe.yaml: the best trial as a train recipe
+
 
 def _trial_row(result, keys: list[SearchKey], base: Recipe, out: Path) -> dict:
     m = result.metrics or {}
@@ -60,8 +62,10 @@ def _trial_row(result, keys: list[SearchKey], base: Recipe, out: Path) -> dict:
     row["run_dir"] = str(Path("trials") / trial_id) if (out / "trials" / trial_id).exists() else ""
     return row
 
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
 
 #: the Pareto axes, preferred first: (reward key, divergence key, reward label, divergence label)
 PARETO_AXES = (
@@ -71,6 +75,7 @@ PARETO_AXES = (
      "divergence at the last step (each trial's own regularizer)"),
 )
 
+
 def pareto_axes(rows: list[dict]) -> tuple[str, str, str, str]:
     """The after-training eval reward vs KL to the reference when any trial has them (finished trials);
     else the last step's training reward vs the trial's own divergence."""
@@ -78,6 +83,7 @@ def pareto_axes(rows: list[dict]) -> tuple[str, str, str, str]:
         if any(_finite(r.get(axes[0])) and _finite(r.get(axes[1])) for r in rows):
             return axes
     return PARETO_AXES[-1]
+
 
 def pareto_front(rows: list[dict], reward_key: str = "reward", div_key: str = "divergence") -> list[int]:
     """Indices of the rows no other row dominates (reward at least as high and divergence at least as low,
@@ -91,6 +97,7 @@ def pareto_front(rows: list[dict], reward_key: str = "reward", div_key: str = "d
             front.append(i)
     return front
 
+
 def pick_best(rows: list[dict], metric: str, mode: str) -> dict | None:
     """The best trial by ``metric`` at its last report, among trials that ran every step (ASHA-stopped
     trials were measured at an earlier step); among all reported trials if none finished."""
@@ -101,10 +108,12 @@ def pick_best(rows: list[dict], metric: str, mode: str) -> dict | None:
     sign = 1 if mode == "max" else -1
     return max(done, key=lambda r: sign * r[metric])
 
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return "" if v is None else str(v)
+
 
 def write_tables(rows: list[dict], out: Path, title: str, best: dict | None,
                  metric: str) -> tuple[Path, Path]:
@@ -126,11 +135,13 @@ def write_tables(rows: list[dict], out: Path, title: str, best: dict | None,
     md_path.write_text("\n".join(lines))
     return csv_path, md_path
 
+
 def _label(row: dict) -> str:
     reg = row.get("algorithm.regularizer", row.get("regularizer"))
     beta = row.get("algorithm.beta", row.get("beta"))
     lr = f" lr={_fmt(row['train.lr'])}" if "train.lr" in row else ""
     return f"{reg} β={_fmt(beta)}{lr}"
+
 
 def plot_pareto(rows: list[dict], path: Path, title: str) -> Path | None:
     """Final reward vs final divergence of every trial; the non-dominated ones highlighted and labelled
@@ -171,11 +182,13 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> Path | None:
     plt.close(fig)
     return path
 
+
 def _error_line(err: BaseException) -> str:
     """A trial's failure in one line: the original exception (Ray wraps it in a RayTaskError)."""
     cause = getattr(err, "cause", None) or err
     text = " ".join(str(cause).split())
     return f"{type(cause).__name__}: {text[:400]}"
+
 
 def summarize(recipe: Recipe, keys: list[SearchKey], grid, out: Path) -> ResultSummary:
     """Tune's ResultGrid -> results.csv, results.md, pareto.png and the best trial."""
@@ -192,6 +205,32 @@ def summarize(recipe: Recipe, keys: list[SearchKey], grid, out: Path) -> ResultS
     title = f"{recipe.name}: {len(rows)} trials, scheduler {recipe.tune.scheduler}"
     csv_path, md_path = write_tables(rows, out, title, best, metric)
     png = plot_pareto(rows, out / "pareto.png", f"{recipe.name}: reward vs divergence ({len(rows)} trials)")
+    best_recipe = write_best_recipe(recipe, best, keys, out / "best_recipe.yaml") if best is not None else None
     return ResultSummary(output_dir=out, tune_dir=out / "tune", rows=rows, searched=[k.key for k in keys],
                          metric=metric, mode=mode, best=best, results_csv=csv_path, results_md=md_path,
-                         pareto_png=png, errors=errors)
+                         pareto_png=png, errors=errors, best_recipe=best_recipe)
+
+
+def write_best_recipe(recipe: Recipe, best: dict, keys: list[SearchKey], path: Path) -> Path:
+    """The best trial as a ready-to-run train recipe: the searched recipe with the trial's values, named
+    ``<name>_best``, local paths absolute, without the search space; checked by loading it back."""
+    import yaml
+
+    from rocm_ray.config import load_recipe, recipe_from_dict
+    from rocm_ray.tune.search_space import _override
+    from rocm_ray.tune.trials import _absolute_paths
+
+    base = _absolute_paths(recipe)
+    overrides = [_override(k.key, best[k.key]) for k in keys if k.key in best]
+    overrides += [_override("name", f"{recipe.name}_best"), _override("train.output_dir", "outputs/{name}"),
+                  "tune.search_space={}"]
+    data = recipe_from_dict(base, recipe.source, overrides).to_dict()
+    searched = ", ".join(f"{k.key}={best[k.key]!r}" for k in keys if k.key in best)
+    header = (f"# The best trial ({best['trial_id']}, {recipe.tune.metric} = {_fmt(best.get(recipe.tune.metric))}) "
+              f"of the search {recipe.name} ({recipe.source}):\n#   {searched}\n"
+              f"# Run it: rocm-ray train {path}\n")
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    load_recipe(tmp)  # a recipe that does not validate is never left behind as best_recipe.yaml
+    tmp.replace(path)
+    return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 from rocm_ray.config import Recipe, RecipeError, recipe_from_dict
@@ -44,6 +45,7 @@ def _scheduler(recipe: Recipe, keys: list[SearchKey]):
                                    hyperparam_mutations=mutations, quantile_fraction=0.25,
                                    resample_probability=0.25, synch=True), interval
 
+
 def tune_callbacks(recipe: Recipe) -> list:
     """Tune's TensorBoard logger (events per trial under ``<output_dir>/tune``), and W&B (one W&B run per
     trial, grouped by the recipe name) when ``logging.wandb`` is on."""
@@ -56,6 +58,7 @@ def tune_callbacks(recipe: Recipe) -> list:
         callbacks.append(WandbLoggerCallback(project=recipe.logging.wandb_project, group=recipe.name,
                                              log_config=True))
     return callbacks
+
 
 def _start_ray(recipe: Recipe, dashboard: bool = False) -> bool:
     """Connect to ``ray.address`` / ``$RAY_ADDRESS``, else start a local Ray on loopback (its dashboard,
@@ -76,6 +79,7 @@ def _start_ray(recipe: Recipe, dashboard: bool = False) -> bool:
         ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True, **opts)  # our own Ray
     return True
 
+
 def _trial_resources(config: dict, spec: TrialSpec):
     """In-process trials hold one CPU (or GPU); a Ray Train trial's driver holds almost nothing (its
     TorchTrainer asks for its own workers; tune.max_concurrent_trials bounds how many run at once)."""
@@ -86,10 +90,13 @@ def _trial_resources(config: dict, spec: TrialSpec):
         return PlacementGroupFactory([{"CPU": 0.01}])
     return PlacementGroupFactory([{"CPU": 1, "GPU": 1} if r.train.use_gpu else {"CPU": 1}])
 
-def tune_recipe(recipe: Recipe) -> ResultSummary:
-    """Run the search of ``recipe.tune`` over ``recipe`` on Ray Tune; write results.csv/.md and pareto.png.
 
-    The search space is checked (every grid point built as a recipe) before Ray starts.
+def tune_recipe(recipe: Recipe, resume: bool = False) -> ResultSummary:
+    """Run the search of ``recipe.tune`` over ``recipe`` on Ray Tune; write results.csv/.md, pareto.png and
+    best_recipe.yaml.
+
+    The search space is checked (every grid point built as a recipe) before Ray starts. ``resume``: continue
+    an interrupted search of the same recipe (``Tuner.restore`` of ``<output_dir>/tune/<name>``).
     """
     keys = parse_search_space(recipe)
     _check_metric(recipe)
@@ -99,7 +106,7 @@ def tune_recipe(recipe: Recipe) -> ResultSummary:
 
     from ray import tune
 
-    out = recipe.output_path.resolve()
+    out = output_dir(recipe)
     tune_dir = out / "tune"
     (out / "trials").mkdir(parents=True, exist_ok=True)
     spec = TrialSpec(base=_absolute_paths(recipe), source=recipe.source, trials_dir=str(out / "trials"),
@@ -116,6 +123,15 @@ def tune_recipe(recipe: Recipe) -> ResultSummary:
     try:
         trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec),
                                         lambda config: _trial_resources(config, spec))
+        experiment = tune_dir / recipe.name
+        if resume and tune.Tuner.can_restore(str(experiment)):
+            # an interrupted search: finished trials are kept, unfinished and errored ones run again
+            print(f"rocm-ray tune: resuming the search in {experiment}", flush=True)
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, restart_errored=False)
+            return _fit_and_summarize(tuner, recipe, keys, out, started)
+        if resume:
+            print(f"rocm-ray tune: --resume: no search to resume in {experiment}; starting afresh", flush=True)
         tuner = tune.Tuner(
             trainable,
             param_space={k.key: k.to_tune() for k in keys},
@@ -128,6 +144,17 @@ def tune_recipe(recipe: Recipe) -> ResultSummary:
                                           # PBT clones other trials' checkpoints: keep a few
                                           num_to_keep=4 if ckpt_every else 2)),
         )
+    except BaseException:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+    return _fit_and_summarize(tuner, recipe, keys, out, started)
+
+
+def _fit_and_summarize(tuner, recipe: Recipe, keys: list[SearchKey], out: Path, started: bool) -> ResultSummary:
+    try:
         grid = tuner.fit()
     finally:
         if started:
@@ -135,3 +162,11 @@ def tune_recipe(recipe: Recipe) -> ResultSummary:
 
             ray.shutdown()
     return summarize(recipe, keys, grid, out)
+
+
+def output_dir(recipe: Recipe) -> Path:
+    """Where the search writes: ``train.output_dir``, under ``$ROCM_RAY_OUTPUT_ROOT`` when relative (as a
+    training run; every trial's folder is ``<this>/trials/<trial id>``)."""
+    from rocm_ray.train.ray_trainer import resolve_output_dir
+
+    return resolve_output_dir(recipe)

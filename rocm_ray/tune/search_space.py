@@ -19,13 +19,16 @@ from rocm_ray.config import Recipe, RecipeError, recipe_from_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
 
+
 #: metrics every trial reports (plus ``div_step_<n>`` and ``reward_<scorer>`` for mixtures)
 REPORTED_METRICS = ("loss", "reward", "divergence", "grad_norm", "images_per_s", "it_per_s", "lr", "step",
                     "eval_reward", "eval_reward_before", "judge_accuracy", "judge_accuracy_before",
                     "kl_to_ref")
 
+
 #: keys a search may not set: the tune section itself and where trials write (set per trial)
 FORBIDDEN_PREFIXES = ("tune", "train.output_dir", "ray")
+
 
 #: most grid points checked one by one before launching (beyond: each key alone)
 MAX_CHECKED_POINTS = 512
@@ -65,6 +68,7 @@ class SearchKey:
         """PBT's ``hyperparam_mutations`` entry: resample from the list, or from the range."""
         return list(self.values) if self.kind in ("grid", "choice") else self.to_tune()
 
+
 def _number(v: Any, source: str, key: str) -> float:
     """A range end: a number, or a string YAML left unparsed (PyYAML reads ``1e-3`` as a string)."""
     if isinstance(v, bool):
@@ -75,6 +79,7 @@ def _number(v: Any, source: str, key: str) -> float:
         return float(v)
     except (TypeError, ValueError):
         raise RecipeError(source, key, f"expected a number, got {v!r}") from None
+
 
 def _flatten_space(space: dict) -> dict[str, Any]:
     """``{train: {lr: [...]}}`` (nested YAML, or the override ``tune.search_space.train.lr=[...]``) ->
@@ -90,6 +95,7 @@ def _flatten_space(space: dict) -> dict[str, Any]:
         else:
             flat[k] = v
     return flat
+
 
 def parse_search_space(recipe: Recipe) -> list[SearchKey]:
     """``recipe.tune.search_space`` -> typed :class:`SearchKey` s (syntax only; values are checked by
@@ -135,9 +141,11 @@ def parse_search_space(recipe: Recipe) -> list[SearchKey]:
                               f"{{uniform|loguniform|choice: [...]}}; got {spec!r}")
     return out
 
+
 def _override(key: str, value: Any) -> str:
     """A ``key=value`` override that parses back to exactly ``value`` (JSON is YAML)."""
     return f"{key}={json.dumps(value)}"
+
 
 def _yaml_float_hint(value: Any) -> str:
     if isinstance(value, str):
@@ -147,6 +155,7 @@ def _yaml_float_hint(value: Any) -> str:
         except ValueError:
             pass
     return ""
+
 
 def check_search_space(recipe: Recipe, keys: list[SearchKey]) -> int:
     """Build the recipe of every grid point (and both ends of every range) before anything launches.
@@ -184,6 +193,7 @@ def check_search_space(recipe: Recipe, keys: list[SearchKey]) -> int:
             checked += 1
     return checked
 
+
 def _check_trial_kind(r: Recipe) -> None:
     """Trials on Ray Train need the Ray Train path to accept Tune's report callback."""
     if r.train.num_workers == 0:
@@ -192,6 +202,7 @@ def _check_trial_kind(r: Recipe) -> None:
         raise RecipeError(r.source, "tune.scheduler", "pbt needs in-process trials (train.num_workers: 0): "
                           "its checkpoint/restore of Ray Train runs is not wired; use asha or fifo")
     _ray_train_entry(r.source)
+
 
 def _ray_train_entry(source: str) -> Callable:
     """``rocm_ray.train.ray_trainer.train_ray``, checked to accept ``callbacks=`` (for the Train
@@ -209,6 +220,7 @@ def _ray_train_entry(source: str) -> Callable:
                           "callbacks=, so its TorchTrainer cannot report to Tune; search with "
                           "train.num_workers: 0")
     return train_ray
+
 
 def _check_metric(recipe: Recipe) -> None:
     m = recipe.tune.metric

@@ -36,6 +36,7 @@ def _device() -> str:
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
+
 def load_trained_policy(recipe: Recipe, weights_dir: Path):
     """The recipe's policy with a run's trained weights (``weights/lora`` or ``weights/unet``) loaded;
     None when the run wrote no weights there."""
@@ -65,6 +66,7 @@ def load_trained_policy(recipe: Recipe, weights_dir: Path):
         return policy
     return None
 
+
 def kl_to_reference(policy, recipe: Recipe) -> float:
     """KL(policy step kernel || reference step kernel) per latent dimension, summed over the N steps
     (terminal kernel included), averaged over the recipe's fixed eval prompts x seeds.
@@ -93,6 +95,7 @@ def kl_to_reference(policy, recipe: Recipe) -> float:
         divs = step_divergences(traj.kernels, "kl", "mean")  # [B, K]
     return float(divs.sum(1).mean())
 
+
 def _with_kl(row: dict, recipe: Recipe, policy=None) -> dict:
     """``row`` plus ``kl_to_ref`` of the trained policy (reloaded from the run folder if not given)."""
     if policy is None:
@@ -100,6 +103,7 @@ def _with_kl(row: dict, recipe: Recipe, policy=None) -> dict:
     if policy is not None:
         row["kl_to_ref"] = kl_to_reference(policy, recipe)
     return row
+
 
 def _absolute_paths(recipe: Recipe) -> dict:
     """The recipe as a dict with relative local paths made absolute: Tune runs trials in other folders."""
@@ -121,6 +125,7 @@ def _absolute_paths(recipe: Recipe) -> dict:
         d["data"]["prompts_file"] = str(here.resolve())
     return d
 
+
 @dataclass
 class TrialSpec:
     """What every trial needs besides its config (pickled into the trial actors)."""
@@ -131,6 +136,7 @@ class TrialSpec:
     wandb_callback: bool  # W&B is logged by Tune's callback: trials do not open their own W&B runs
     pbt_checkpoint_every: int  # > 0: run the checkpointed in-process loop (PBT)
 
+
 def trial_recipe(spec: TrialSpec, config: dict, trial_id: str) -> Recipe:
     """The recipe of one trial: the base recipe with the trial's values and its own output folder."""
     overrides = [_override(k, v) for k, v in config.items()]
@@ -138,6 +144,7 @@ def trial_recipe(spec: TrialSpec, config: dict, trial_id: str) -> Recipe:
     if spec.wandb_callback:
         overrides.append("logging.wandb=false")
     return recipe_from_dict(spec.base, spec.source, overrides)
+
 
 def _final_report(row: dict, summary: dict) -> dict:
     """The last step's row plus the run's before/after evaluation (fixed eval prompts and seeds).
@@ -150,6 +157,7 @@ def _final_report(row: dict, summary: dict) -> dict:
         if f"{key}_after" in summary:
             out[name], out[f"{name}_before"] = summary[f"{key}_after"], summary[f"{key}_before"]
     return out
+
 
 def run_trial(config: dict, spec: TrialSpec) -> None:
     """The Tune trainable: one training run of the trial's recipe, reporting every step to Tune."""
@@ -184,6 +192,7 @@ def run_trial(config: dict, spec: TrialSpec) -> None:
 
     res = train_inprocess(recipe, on_step=on_step)
     tune.report(_with_kl(_final_report(held[-1] if held else res.metrics[-1], res.summary), recipe))
+
 
 def train_checkpointed(recipe: Recipe, checkpoint_every: int) -> None:
     """In-process ROCM with a Tune checkpoint (trainable weights + AdamW state + step) every
