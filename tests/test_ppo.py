@@ -169,6 +169,17 @@ def test_ppo_recipe_errors(override, key):
     assert e.value.key == key
 
 
+def test_pbt_refuses_ppo_trials():
+    from rocm_ray.tune import check_search_space, parse_search_space
+
+    recipe = load_recipe("recipes/tune_tiny_debug.yaml", ["algorithm.name=ppo", "algorithm.ppo_group_size=2",
+                                                           "tune.scheduler=pbt",
+                                                           "tune.search_space={train.lr: [0.01, 0.05]}"])
+    with pytest.raises(RecipeError, match="ROCM only") as e:
+        check_search_space(recipe, parse_search_space(recipe))
+    assert e.value.key == "tune.scheduler"
+
+
 # ----------------------------------------------------------------------------------- the Ray path
 
 

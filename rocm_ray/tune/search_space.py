@@ -195,7 +195,11 @@ def check_search_space(recipe: Recipe, keys: list[SearchKey]) -> int:
 
 
 def _check_trial_kind(r: Recipe) -> None:
-    """Trials on Ray Train need the Ray Train path to accept Tune's report callback."""
+    """Trials on Ray Train need the Ray Train path to accept Tune's report callback; PBT's checkpointed
+    in-process loop is ROCM's."""
+    if r.tune.scheduler == "pbt" and r.algorithm.name != "rocm":
+        raise RecipeError(r.source, "tune.scheduler", f"pbt's checkpointed trials run ROCM only, and this "
+                          f"search trains algorithm.name={r.algorithm.name}; use fifo or asha")
     if r.train.num_workers == 0:
         return
     if r.tune.scheduler == "pbt":
