@@ -27,8 +27,8 @@ def test_efficiency_and_sensitivity_end_to_end(bench_modules, tmp_path):
     docs, cache = tmp_path / "docs", tmp_path / "cache"
     tiny = ["--steps", "2", "--batch", "4", "--eval-every", "1", "--eval-seeds", "1", "--cache", str(cache),
             "--docs", str(docs)]
-    assert efficiency.main([*tiny, "--seeds", "1", "--rocm-lrs", "0.001", "--ppo-lrs", "0.001", "--regularizers",
-                            "", "--out", str(tmp_path / "eff")]) == 0
+    assert efficiency.main([*tiny, "--seeds", "1", "--rocm-lrs", "0.001", "--ppo-lrs", "0.001", "--timing-reps", "1",
+                            "--regularizers", "", "--out", str(tmp_path / "eff")]) == 0
     text = (docs / "benchmarks.md").read_text()
     assert "<!-- BEGIN efficiency -->" in text and "| ROCM + kl | 0.001 | 1 |" in text and "| PPO (RLCM) |" in text
     assert (docs / "img" / "efficiency.png").read_bytes()[:4] == b"\x89PNG"
@@ -37,6 +37,8 @@ def test_efficiency_and_sensitivity_end_to_end(bench_modules, tmp_path):
     assert [p["step"] for p in curve] == [0, 1, 2] and [p["reward_queries"] for p in curve] == [0, 4, 8]
     assert curve[0]["train_s"] == 0 < curve[1]["train_s"] < curve[2]["train_s"]
     assert curve[-1]["eval_reward"] != curve[0]["eval_reward"]  # the policy moved
+    rows = json.loads((docs / "efficiency.json").read_text())["rows"]
+    assert all(r["seconds_to_target"] != r["seconds_to_target"] or r["seconds_to_target"] > 0 for r in rows)
     n_cached = len(list(cache.glob("*.json")))
     assert sensitivity.main([*tiny, "--lrs", "0.001", "--out", str(tmp_path / "sens")]) == 0
     assert len(list(cache.glob("*.json"))) == n_cached  # the same runs, reused from the cache
