@@ -76,8 +76,22 @@ def _start_ray(recipe: Recipe, dashboard: bool = False) -> bool:
         if dashboard:
             opts["dashboard_host"] = "127.0.0.1"
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True, **opts)  # our own Ray
+        for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+            try:
+                ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True, **opts)  # our own
+                break
+            except Exception as e:  # noqa: BLE001 - only Ray's start-up timeout is retried
+                # Ray waits a fixed 30 s for its raylet; on an overloaded machine that is not enough
+                if "timed out during startup" not in str(e) or attempt == LOCAL_RAY_ATTEMPTS:
+                    raise
+                print(f"rocm-ray tune: the local Ray did not start in time (attempt {attempt}/"
+                      f"{LOCAL_RAY_ATTEMPTS}, machine overloaded?); trying again", flush=True)
+                ray.shutdown()
     return True
+
+
+#: tries to start a local Ray whose raylet misses Ray's fixed 30 s start-up window (an overloaded machine)
+LOCAL_RAY_ATTEMPTS = 3
 
 
 def _trial_resources(config: dict, spec: TrialSpec):
