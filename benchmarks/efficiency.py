@@ -104,7 +104,7 @@ def curve_median(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def plot(groups: dict[str, list[dict]], target: float, path: Path) -> None:
+def plot(groups: dict[str, list[dict]], targets: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +118,8 @@ def plot(groups: dict[str, list[dict]], target: float, path: Path) -> None:
             ax.plot(xs, ys, style, ms=3, lw=2 if style == "-o" else 1, color=f"C{i % 10}", label=label)
     for ax, xl in zip(axes, ("reward queries (training images scored)", "training seconds (eval excluded)"),
                       strict=True):
-        ax.axhline(target, color="0.4", ls=":", lw=1)
+        for target in targets:
+            ax.axhline(target, color="0.4", ls=":", lw=1)
         ax.set_xlabel(xl)
         ax.set_ylabel("eval reward (fixed prompts x seeds)")
         ax.grid(alpha=0.3)
@@ -127,6 +128,24 @@ def plot(groups: dict[str, list[dict]], target: float, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def target_table(rows: list[dict], target: float) -> str:
+    """The efficiency table for one target eval reward."""
+    ppo = next(r for r in rows if r["method"].startswith("PPO"))
+    lines = [f"Target eval reward {target:g}:", "",
+             "| method | lr (best of grid) | seeds | final eval reward | final judge accuracy | reward queries to "
+             f"{target:g} | s to {target:g} (steps x s/step) | PPO / method, queries | PPO / method, seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        q_ratio = ppo["queries_to_target"] / r["queries_to_target"] if r["queries_to_target"] else math.nan
+        s_ratio = ppo["seconds_to_target"] / r["seconds_to_target"] if r["seconds_to_target"] else math.nan
+        judge = "n/a" if math.isnan(r["final_judge"]) else f"{100 * r['final_judge']:.0f}%"
+        reached = f" ({r['reached']}/{r['seeds']} reached)" if r["reached"] < r["seeds"] else ""
+        lines.append(f"| {r['method']} | {r['lr']:g} | {r['seeds']} | {r['final_reward']:.2f} | {judge} | "
+                     f"{fmt(r['queries_to_target'], '{:.0f}')}{reached} | {fmt(r['seconds_to_target'], '{:.1f}')} | "
+                     f"{fmt(q_ratio, '{:.2f}x')} | {fmt(s_ratio, '{:.2f}x')} |")
+    return "\n".join(lines)
 
 
 def fmt(v: float, pattern: str = "{:.3g}") -> str:
@@ -143,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rocm-lrs", default="0.0003,0.001,0.003")
     p.add_argument("--ppo-lrs", default="0.001,0.003,0.01")
     p.add_argument("--regularizers", default=",".join(OTHER_REGULARIZERS), help="'' = none of the others")
-    p.add_argument("--target", type=float, default=8.0, help="the eval reward to reach (start: about 6.1)")
+    p.add_argument("--target", default="8,9", help="eval rewards to reach, comma-separated (start: about 6.1)")
     p.add_argument("--timing-reps", type=int, default=8, help="interleaved ROCM/PPO steps for s/step")
     p.add_argument("--out", default="outputs/efficiency")
     p.add_argument("--cache", default="outputs/paper_cache", help="runs shared with sensitivity.py ('' = off)")
@@ -174,27 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     for reg in [r for r in args.regularizers.split(",") if r]:
         groups[f"ROCM + {reg}"] = [run([f"algorithm.regularizer={reg}", f"train.lr={best_lr['ROCM + kl']}"])]
 
+    targets = [float(t) for t in str(args.target).split(",")]
+    all_rows: dict[str, list[dict]] = {}
     step_s = interleaved_step_times(args.timing_reps, args.batch)
     print(f"efficiency: interleaved median s/step: ROCM {step_s['rocm']:.3f}, PPO {step_s['ppo']:.3f}", flush=True)
-    rows = [summarize(label, runs, args.target, step_s["ppo" if label.startswith("PPO") else "rocm"], args.batch)
-            for label, runs in groups.items()]
-    ppo = next(r for r in rows if r["method"].startswith("PPO"))
-    lines = ["| method | lr (best of grid) | seeds | final eval reward | final judge accuracy | reward queries to "
-             f"target {args.target:g} | s to target (steps x s/step) | PPO / method, queries | "
-             "PPO / method, seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        q_ratio = ppo["queries_to_target"] / r["queries_to_target"] if r["queries_to_target"] else math.nan
-        s_ratio = ppo["seconds_to_target"] / r["seconds_to_target"] if r["seconds_to_target"] else math.nan
-        judge = "n/a" if math.isnan(r["final_judge"]) else f"{100 * r['final_judge']:.0f}%"
-        reached = f" ({r['reached']}/{r['seeds']} reached)" if r["reached"] < r["seeds"] else ""
-        lines.append(f"| {r['method']} | {r['lr']:g} | {r['seeds']} | {r['final_reward']:.2f} | {judge} | "
-                     f"{fmt(r['queries_to_target'], '{:.0f}')}{reached} | {fmt(r['seconds_to_target'], '{:.1f}')} | "
-                     f"{fmt(q_ratio, '{:.2f}x')} | {fmt(s_ratio, '{:.2f}x')} |")
-    table = "\n".join(lines)
+    tables = []
+    for target in targets:
+        rows = [summarize(label, runs, target, step_s["ppo" if label.startswith("PPO") else "rocm"], args.batch)
+                for label, runs in groups.items()]
+        all_rows[f"{target:g}"] = rows
+        tables.append(target_table(rows, target))
+    table = "\n\n".join(tables)
     print(table)
     (docs / "img").mkdir(parents=True, exist_ok=True)
-    plot(groups, args.target, docs / "img" / "efficiency.png")
+    plot(groups, targets, docs / "img" / "efficiency.png")
     cmd = "python benchmarks/efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = f"""## Sample efficiency and wall-clock: ROCM vs PPO (RLCM)
 
@@ -215,7 +227,7 @@ because the runs' own wall-clock on this shared machine varied by up to 20x betw
 ![efficiency](img/efficiency.png)
 """
     write_section(docs / "benchmarks.md", "efficiency", text)
-    (docs / "efficiency.json").write_text(json.dumps({"rows": rows, "runs": groups}, indent=1, default=str))
+    (docs / "efficiency.json").write_text(json.dumps({"rows": all_rows, "runs": groups}, indent=1, default=str))
     print(f"wrote {docs / 'benchmarks.md'} (section efficiency)")
     return 0
 
