@@ -88,6 +88,7 @@ def main() -> None:
 
     cmd = "python benchmarks/reward_hacking.py " + " ".join(sys.argv[1:])
     imgs = [TAGS[i] for i in chosen]
+    lr10_note = " The 10x-lr run shows the same collapse, sooner." if 2 in chosen else ""
     grid_row = " | ".join(f"![{t} grid](img/tiny_{t}_grid.png)" for t in imgs)
     curve_row = " | ".join(f"![{t} curves](img/tiny_{t}_curves.png)" for t in imgs)
     text = f"""## Reward hacking: with and without the regularizer
@@ -103,8 +104,8 @@ do not compute it).
 
 The same-lr pair differs in one thing only, the KL term: with it the reward rises and the digits stay;
 without it, at the same learning rate, the reward climbs much further while the judge accuracy
-collapses: the model draws what the reward likes, not digits. The 10x-lr run shows the same collapse,
-sooner.
+collapses: the model draws what the reward likes, not digits.{lr10_note} Wall times are those of a
+machine shared with other jobs (load noise, not a property of the runs).
 
 | {" | ".join(r["run"] for r in rows)} |
 |{"---|" * len(rows)}
