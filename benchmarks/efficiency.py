@@ -104,7 +104,8 @@ def curve_median(runs: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def plot(groups: dict[str, list[dict]], targets: list[float], path: Path) -> None:
+def plot(groups: dict[str, list[dict]], targets: list[float], path: Path, step_s: dict[str, float],
+         batch: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,10 +114,13 @@ def plot(groups: dict[str, list[dict]], targets: list[float], path: Path) -> Non
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for i, (label, runs) in enumerate(groups.items()):
         style = "-o" if label.startswith(("ROCM + kl", "PPO")) else "--"
-        for ax, key in zip(axes, ("reward_queries", "train_s"), strict=True):
-            xs, ys = curve_median(runs, key)
+        per_step = step_s["ppo" if label.startswith("PPO") else "rocm"]
+        for ax, scale in zip(axes, (1.0, per_step / batch), strict=True):
+            xs, ys = curve_median(runs, "reward_queries")
+            xs = [x * scale for x in xs]  # queries, or steps x the interleaved median s/step
             ax.plot(xs, ys, style, ms=3, lw=2 if style == "-o" else 1, color=f"C{i % 10}", label=label)
-    for ax, xl in zip(axes, ("reward queries (training images scored)", "training seconds (eval excluded)"),
+    for ax, xl in zip(axes, ("reward queries (training images scored)",
+                             "training seconds (steps x interleaved median s/step)"),
                       strict=True):
         for target in targets:
             ax.axhline(target, color="0.4", ls=":", lw=1)
@@ -173,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache) if args.cache else None
     t_start = time.perf_counter()
     n = [0]
+    run_s: list[float] = []  # each run's own wall time (also for runs taken from the cache)
 
     def run(overrides: list[str], seed: int = 0) -> dict:
         n[0] += 1
         r = cached_run(cache, overrides, out / f"run{n[0]}", args.steps, args.batch, args.eval_every,
                        args.eval_seeds, seed)
+        run_s.append(r["wall_s"])
         last = final(r["curve"])
         print(f"efficiency: {' '.join(overrides) or '(ROCM + KL)'} seed {seed}: final eval reward "
               f"{last['eval_reward']:.3f}, judge {last.get('judge')}, {r['status']}", flush=True)
@@ -206,11 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n\n".join(tables)
     print(table)
     (docs / "img").mkdir(parents=True, exist_ok=True)
-    plot(groups, targets, docs / "img" / "efficiency.png")
+    plot(groups, targets, docs / "img" / "efficiency.png", step_s, args.batch)
     cmd = "python benchmarks/efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = f"""## Sample efficiency and wall-clock: ROCM vs PPO (RLCM)
 
-Measured by `{cmd.strip()}` ({machine_line()}; {time.perf_counter() - t_start:.0f} s in all).
+Measured by `{cmd.strip()}` ({machine_line()}; {len(run_s)} runs of {sum(run_s):.0f} s in all, one
+after the other, shared with `benchmarks/sensitivity.py` through `--cache`; this invocation
+{time.perf_counter() - t_start:.0f} s). The eval points are {args.eval_every * args.batch} queries apart, so
+query ratios are resolved to that step only.
 Embedded tiny world (`recipes/tiny_kl.yaml`), {args.steps} steps of {args.batch} images, eval every
 {args.eval_every} steps on {10 * args.eval_seeds} fixed images (deterministic sampler for both methods).
 Learning-rate grids: ROCM + KL {args.rocm_lrs}, PPO {args.ppo_lrs} (seed 0), then the best lr with
