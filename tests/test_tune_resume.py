@@ -3,7 +3,9 @@ recipe that validates, trial outputs honour ROCM_RAY_OUTPUT_ROOT, and a Ray Trai
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +31,16 @@ def _wait_for(pred, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def _finished_trials(out: Path) -> set[str]:
+    """Trial ids whose Tune result.json holds their final (done) result."""
+    ids = set()
+    for f in out.glob("tune/tune_tiny_debug/*/result.json"):
+        m = re.search(r"([0-9a-f]{5}_\d{5})", f.parent.name)
+        if m and any(json.loads(line).get("done") for line in f.read_text().splitlines() if line.strip()):
+            ids.add(m.group(1))
+    return ids
+
+
 def test_interrupted_search_resumes_and_writes_the_best_recipe(tmp_path, monkeypatch):
     from rocm_ray.tune import tune_recipe
 
@@ -40,15 +52,16 @@ def test_interrupted_search_resumes_and_writes_the_best_recipe(tmp_path, monkeyp
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = root / "sweep"  # the relative output_dir, under $ROCM_RAY_OUTPUT_ROOT
     try:
-        _wait_for(lambda: len(list(out.glob("trials/*/summary.json"))) >= 1 or proc.poll() is not None, 600,
-                  "the first trial to finish")
+        # a trial is finished for Tune once its last result (done) is in its result.json, not before
+        _wait_for(lambda: _finished_trials(out) or proc.poll() is not None, 600, "the first trial to finish")
         proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
         log = proc.communicate(timeout=180)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    finished_first = {p.parent.name: p.stat().st_mtime for p in out.glob("trials/*/summary.json")}
+    done = _finished_trials(out)
+    finished_first = {t: (out / "trials" / t / "summary.json").stat().st_mtime for t in done}
     assert finished_first, log[-3000:]
     assert (out / "tune" / "tune_tiny_debug").is_dir()
     assert not (ROOT / "sweep").exists()  # nothing written relative to the working directory
