@@ -59,3 +59,13 @@ def test_reward_hacking_end_to_end(bench_modules, tmp_path, monkeypatch):
     text = (docs / "results.md").read_text()
     assert "| no regularizer, same lr |" in text and "ROCM + KL" not in text.split("| run |")[1]
     assert (docs / "img" / "tiny_none_same_lr_grid.png").is_file()
+
+
+def test_the_regularizer_sweep_recipe_checks():
+    from rocm_ray.config import load_recipe
+    from rocm_ray.tune import check_search_space, parse_search_space
+
+    recipe = load_recipe("recipes/tune_regularizers.yaml")
+    keys = parse_search_space(recipe)
+    assert {k.key for k in keys} == {"algorithm.regularizer", "algorithm.beta", "algorithm.reduction"}
+    assert check_search_space(recipe, keys) == 9 * 3 * 2  # every regularizer x 3 betas x 2 reductions
