@@ -14,7 +14,7 @@ from rocm_ray.config import RecipeError, load_recipe
 from rocm_ray.ppo import gaussian_log_prob, group_advantages, minibatch_indices, ppo_clip_loss
 
 DEBUG = "recipes/tiny_debug.yaml"
-TOL_RAY_ONE_WORKER = 1e-5  # PPO, 1 Ray Train worker + 1 reward replica vs in-process (measured: see docs/ppo.md)
+TOL_RAY_ONE_WORKER = 5e-5  # PPO, 1 Ray Train worker + 1 reward replica vs in-process (measured 8.5e-6)
 
 
 # ------------------------------------------------------------------------------------- the loss by hand
