@@ -1,11 +1,12 @@
 """Regularized vs unregularized ROCM on the embedded tiny world, side by side in one run.
 
-Runs ``recipes/tiny_kl.yaml`` as shipped (KL) and again with ``algorithm.regularizer=none`` and a large
-learning rate, then prints and writes to ``docs/results.md``: reward and held-out digit-judge accuracy
-before and after, the final divergence, wall time; and copies both before/after grids and curves to
+Runs ``recipes/tiny_kl.yaml`` as shipped (KL), again with ``algorithm.regularizer=none`` at the SAME
+learning rate (the one-cause contrast), and without the regularizer at a 10x learning rate, then prints
+and writes to ``docs/results.md`` (section "reward_hacking"): reward and held-out digit-judge accuracy
+before and after, the final divergence, wall time; and copies the before/after grids and curves to
 ``docs/img/``. The judge never sees training: it is the independent witness of reward hacking.
 
-    python benchmarks/reward_hacking.py [--steps N] [--out outputs/hacking]
+    python benchmarks/reward_hacking.py [--steps N] [--runs 0,1,2] [--out outputs/hacking]
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
     "ROCM + KL (recipes/tiny_kl.yaml)": [],
+    "no regularizer, same lr": ["algorithm.regularizer=none"],
     "no regularizer, lr x10": ["algorithm.regularizer=none", "train.lr=1.0e-2"],
 }
+TAGS = ("kl", "none_same_lr", "none")
 
 
 def main() -> None:
@@ -33,6 +36,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/hacking")
     p.add_argument("--docs", default=str(ROOT / "docs"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", default="0,1,2", help="which of the runs (0 = KL, 1 = none same lr, 2 = none lr x10)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -42,7 +46,10 @@ def main() -> None:
     docs = Path(args.docs)
     (docs / "img").mkdir(parents=True, exist_ok=True)
     rows = []
+    chosen = [int(i) for i in args.runs.split(",")]
     for i, (label, overrides) in enumerate(RUNS.items()):
+        if i not in chosen:
+            continue
         out = Path(args.out) / f"run{i}"
         ov = [*overrides, f"train.output_dir={out}"]
         if args.steps:
@@ -59,7 +66,7 @@ def main() -> None:
             "judge_before": s.get("judge_accuracy_before"), "judge_after": s.get("judge_accuracy_after"),
             "final_kl_divergence": res.metrics[-1]["divergence"], "wall_s": time.perf_counter() - t0,
         })
-        tag = "kl" if i == 0 else "none"
+        tag = TAGS[i]
         shutil.copy(out / "grid.png", docs / "img" / f"tiny_{tag}_grid.png")
         shutil.copy(out / "curves.png", docs / "img" / f"tiny_{tag}_curves.png")
 
@@ -74,30 +81,42 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"
-    text = f"""# Results on the embedded tiny world
+    import sys
 
-Measured by `python benchmarks/reward_hacking.py` ({time.strftime('%Y-%m-%d')}, {machine}, CPU only).
-Both runs start from the shipped tiny LCM and train a LoRA toward the tiny "aesthetic" reward (bold
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from paper_runs import write_section
+
+    cmd = "python benchmarks/reward_hacking.py " + " ".join(sys.argv[1:])
+    imgs = [TAGS[i] for i in chosen]
+    lr10_note = " The 10x-lr run shows the same collapse, sooner." if 2 in chosen else ""
+    grid_row = " | ".join(f"![{t} grid](img/tiny_{t}_grid.png)" for t in imgs)
+    curve_row = " | ".join(f"![{t} curves](img/tiny_{t}_curves.png)" for t in imgs)
+    text = f"""## Reward hacking: with and without the regularizer
+
+Measured by `{cmd.strip()}` ({time.strftime('%Y-%m-%d')}, {machine}, CPU only, shared with other jobs).
+Every run starts from the shipped tiny LCM and trains a LoRA toward the tiny "aesthetic" reward (bold
 strokes); 200 fixed evaluation images (10 digits x 20 seeds, 4 steps) are scored before and after, and
 the held-out digit judge (never a training signal) says whether the images still show the asked digit.
-The divergence column is the regularizer's value at the last step (0 for the unregularized run, which
-does not compute it).
+The divergence column is the regularizer's value at the last step (0 for the unregularized runs, which
+do not compute it).
 
 {table}
 
-ROCM + KL: reward up, digits kept. Without the regularizer and with a larger step size the reward goes
-up further while the judge accuracy falls: the model draws what the reward likes, not digits.
+The same-lr pair differs in one thing only, the KL term: with it the reward rises and the digits stay;
+without it, at the same learning rate, the reward climbs much further while the judge accuracy
+collapses: the model draws what the reward likes, not digits.{lr10_note} Wall times are those of a
+machine shared with other jobs (load noise, not a property of the runs).
 
-| ROCM + KL | no regularizer |
-|---|---|
-| ![kl grid](img/tiny_kl_grid.png) | ![none grid](img/tiny_none_grid.png) |
-| ![kl curves](img/tiny_kl_curves.png) | ![none curves](img/tiny_none_curves.png) |
+| {" | ".join(r["run"] for r in rows)} |
+|{"---|" * len(rows)}
+| {grid_row} |
+| {curve_row} |
 
 Raw numbers: `docs/results.json`.
 """
-    (docs / "results.md").write_text(text)
+    write_section(docs / "results.md", "reward_hacking", text)
     (docs / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"wrote {docs / 'results.md'}")
+    print(f"wrote {docs / 'results.md'} (section reward_hacking)")
 
 
 if __name__ == "__main__":

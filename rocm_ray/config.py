@@ -101,6 +101,13 @@ class AlgorithmConfig:
     guidance_scale: float = _f(8.0, ge=1.0, help="LCM guidance scale w (through the guidance embedding)")
     truncate_steps: int | None = _f(None, ge=1, help="backprop through the last K steps only (None = all)")
     gradient_checkpointing: bool = _f(False, help="checkpoint every UNet call")
+    name: Literal["rocm", "ppo"] = _f("rocm", help="rocm (reward backprop) or ppo (RLCM-style policy gradient, "
+                                      "docs/ppo.md); ppo also takes non-differentiable rewards")
+    ppo_group_size: int = _f(4, ge=2, help="ppo: samples per prompt in a batch (advantages normalized per prompt)")
+    ppo_epochs: int = _f(2, ge=1, help="ppo: inner epochs over each sampled batch")
+    ppo_minibatches: int = _f(1, ge=1, help="ppo: optimizer steps per inner epoch (minibatches of the batch)")
+    ppo_clip_range: float = _f(1e-4, gt=0, help="ppo: clip the probability ratio to [1 - c, 1 + c] (RLCM: 1e-4)")
+    ppo_adv_clip_max: float = _f(5.0, gt=0, help="ppo: clip normalized advantages to [-a, a]")
 
 
 @dataclass
@@ -430,17 +437,35 @@ def _validate(r: Recipe) -> None:
         raise RecipeError(src, "train.micro_batch_size",
                           f"must divide the per-worker batch (train.batch_size / train.num_workers = "
                           f"{r.train.batch_size // workers}), got {mb}")
+    a = r.algorithm
+    if a.name == "ppo":
+        per_worker = r.train.batch_size // workers
+        if per_worker % a.ppo_group_size:
+            raise RecipeError(src, "algorithm.ppo_group_size",
+                              f"must divide the images per worker ({per_worker} = train.batch_size / "
+                              f"max(train.num_workers, 1)), got {a.ppo_group_size}")
+        if (per_worker // a.ppo_group_size) % a.ppo_minibatches:
+            raise RecipeError(src, "algorithm.ppo_minibatches",
+                              f"must divide the prompt groups per worker ({per_worker // a.ppo_group_size}), "
+                              f"got {a.ppo_minibatches}")
+        if a.num_inference_steps == 1 and a.terminal == "none":
+            raise RecipeError(src, "algorithm.terminal", "ppo needs a stochastic step: with "
+                              "num_inference_steps 1 use terminal: auto (RLCM's noisy last step)")
+        if mb is not None:
+            raise RecipeError(src, "train.micro_batch_size", "micro-batches (overlap of sampling and remote "
+                              "scoring) are for ROCM; PPO scores its whole rollout at once: remove the key")
     from rocm_ray.rewards import available_scorers, scorer_options  # lazy: imports torch
-    from rocm_ray.rewards.base import _DIFFERENTIABLE
+    from rocm_ray.rewards.base import is_differentiable_name
 
     names = available_scorers()
     for i, m in enumerate(r.reward.models):
         if m.name not in names:
             raise RecipeError(src, f"reward.models.{i}.name", f"unknown reward {m.name!r}; one of: {', '.join(names)}")
-        if getattr(r.algorithm, "name", "rocm") == "rocm" and m.name not in _DIFFERENTIABLE:
+        if a.name == "rocm" and not is_differentiable_name(m.name):
             raise RecipeError(src, f"reward.models.{i}.name",
-                              f"reward {m.name!r} is not differentiable, and ROCM backpropagates through the "
-                              f"reward: choose one of {', '.join(_DIFFERENTIABLE)}")
+                              f"reward {m.name!r} is not differentiable and ROCM backpropagates through the "
+                              "reward; train it with the policy-gradient baseline (algorithm.name: ppo) or "
+                              "choose a differentiable reward")
         for opt in ("head_path", "tokenizer_path"):
             if getattr(m, opt) is not None and opt not in scorer_options(m.name):
                 raise RecipeError(src, f"reward.models.{i}.{opt}",

@@ -137,20 +137,7 @@ def sample_trajectory(
         return fn(x, t, w_emb, text_embeddings)
 
     def denoise(eps: Tensor, x: Tensor, t: int) -> Tensor:
-        # the LCM boundary-condition parameterization (LCMScheduler.step)
-        a_t = abar[t]
-        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
-        if scheduler.config.prediction_type == "epsilon":
-            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)  # [B, C, h, w]
-        elif scheduler.config.prediction_type == "v_prediction":
-            x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * eps
-        else:  # "sample"
-            x0 = eps
-        if scheduler.config.thresholding:
-            x0 = scheduler._threshold_sample(x0)
-        elif scheduler.config.clip_sample:
-            x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-        return float(c_out) * x0 + float(c_skip) * x
+        return consistency_denoise(scheduler, eps, x, t)
 
     # 1. x_1 = z_0 (init_noise_sigma is 1 for LCM)
     x = noises[0] * scheduler.init_noise_sigma  # [B, C, h, w]
@@ -183,13 +170,36 @@ def sample_trajectory(
     if not decode:
         return Trajectory(images=d, latents=d, kernels=kernels, timesteps=timesteps)
     # 6. image = decode(d_N), mapped from [-1, 1] to [0, 1] as the pipeline's postprocessing does
-    z = d / vae.config.scaling_factor
+    images = decode_latents(vae, d, gradient_checkpointing)  # [B, 3, H, W]
+    return Trajectory(images=images, latents=d, kernels=kernels, timesteps=timesteps)
+
+
+def consistency_denoise(scheduler, eps: Tensor, x: Tensor, t: int) -> Tensor:
+    """d = c_skip(t) x + c_out(t) x0_hat(eps): the LCM boundary-condition parameterization
+    (``LCMScheduler.step``) of the consistency function at state x [B, C, h, w] and timestep t."""
+    a_t = float(scheduler.alphas_cumprod.double()[t])
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+    if scheduler.config.prediction_type == "epsilon":
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)  # [B, C, h, w]
+    elif scheduler.config.prediction_type == "v_prediction":
+        x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * eps
+    else:  # "sample"
+        x0 = eps
+    if scheduler.config.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    return float(c_out) * x0 + float(c_skip) * x  # [B, C, h, w]
+
+
+def decode_latents(vae, latents: Tensor, gradient_checkpointing: bool = False) -> Tensor:
+    """decode(latents) mapped from [-1, 1] to [0, 1] as the pipeline's postprocessing does. [B, 3, H, W]"""
+    z = latents / vae.config.scaling_factor
     if gradient_checkpointing and torch.is_grad_enabled():
         img = torch.utils.checkpoint.checkpoint(lambda v: vae.decode(v).sample, z, use_reentrant=False)
     else:
         img = vae.decode(z).sample  # [B, 3, H, W]
-    images = (img / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
-    return Trajectory(images=images, latents=d, kernels=kernels, timesteps=timesteps)
+    return (img / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
 
 
 def unet_eps_fn(unet) -> EpsFn:

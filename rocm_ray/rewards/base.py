@@ -309,6 +309,11 @@ _DIFFERENTIABLE = ("clip_score", "pickscore", "hpsv2", "hpsv21", "imagereward", 
                    "toy_redness")
 
 
+def is_differentiable_name(name: str) -> bool:
+    """Whether the registered reward ``name`` is differentiable in the images (without building it)."""
+    return name in _DIFFERENTIABLE
+
+
 def available_scorers() -> list[str]:
     """The registry names ``build_scorer`` accepts."""
     return list(_REGISTRY)
@@ -366,7 +371,8 @@ def require_differentiable(scorer: RewardScorer, algorithm: str = "rocm") -> Non
     raise ValueError(
         f"reward {', '.join(repr(c) for c in culprits)} is not differentiable: "
         f"{algorithm.upper()} backpropagates through the reward; "
-        f"use it with the policy-gradient baseline or choose one of {', '.join(_DIFFERENTIABLE)}"
+        f"use it with the policy-gradient baseline (algorithm.name: ppo) or choose one of "
+        f"{', '.join(_DIFFERENTIABLE)}"
     )
 
 

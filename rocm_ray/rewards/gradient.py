@@ -28,3 +28,20 @@ def score_with_grad(scorer, images: Tensor, prompts: Sequence[str]) -> tuple[Ten
             parts = {scorer.name: reward}
         (grad,) = torch.autograd.grad(reward.sum(), x)  # [B, 3, H, W]
     return reward.detach(), grad.detach(), {k: v.detach() for k, v in parts.items()}
+
+
+@torch.no_grad()
+def score_without_grad(scorer, images: Tensor, prompts: Sequence[str]) -> tuple[Tensor, None, dict[str, Tensor]]:
+    """(r [B], None, per-component rewards): the reward alone, for policy-gradient training (PPO), which
+    needs no dr/dimages and so also takes non-differentiable rewards (JPEG size)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+    if hasattr(scorer, "score_components"):
+        parts = scorer.score_components(images.detach(), list(prompts))  # name -> [B]
+        reward = scorer.combine(parts)  # [B]
+    else:
+        reward = scorer.score(images.detach(), list(prompts))  # [B]
+        parts = {scorer.name: reward}
+    return reward.detach(), None, {k: v.detach() for k, v in parts.items()}

@@ -125,13 +125,14 @@ class RewardReplica:
     """
 
     def __init__(self, reward: RewardConfig, max_batch: int = 64, batch_wait_ms: float = 200.0, gather: int = 1,
-                 torch_threads: int | None = None, micro_batch: int = 16, index: int = 0):
+                 torch_threads: int | None = None, micro_batch: int = 16, index: int = 0, algorithm: str = "rocm"):
         from rocm_ray.train.builders import build_reward
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.scorer = build_reward(reward, device=self.device)
+        # PPO (requests with grad=False) may use rewards that are not differentiable
+        self.scorer = build_reward(reward, device=self.device, algorithm=algorithm)
         self.max_batch, self.batch_wait_s, self.gather = max_batch, batch_wait_ms / 1000.0, max(1, gather)
         self.micro_batch, self.index = max(1, micro_batch), index
         self._pending: list[_Request] = []
@@ -437,10 +438,11 @@ class LocalReward:
     name = "colocated_reward"
     differentiable = True
 
-    def __init__(self, reward: RewardConfig, device: str | torch.device = "cpu", micro_batch: int = 16):
+    def __init__(self, reward: RewardConfig, device: str | torch.device = "cpu", micro_batch: int = 16,
+                 algorithm: str = "rocm"):
         from rocm_ray.train.builders import build_reward
 
-        self.scorer = build_reward(reward, device=device)
+        self.scorer = build_reward(reward, device=device, algorithm=algorithm)
         self.device, self.micro_batch = torch.device(device), micro_batch
 
     def submit(self, images: Tensor, prompts: Sequence[str], grad: bool = True) -> _Done:
@@ -468,7 +470,7 @@ class RewardService:
     def __init__(self, reward: RewardConfig, replicas: int = 1, num_gpus: float = 0.0, num_cpus: float = 1.0,
                  resources: dict[str, float] | None = None, max_restarts: int = 3, max_task_retries: int = 3,
                  max_batch: int = 64, batch_wait_ms: float = 200.0, gather: int = 1, name: str | None = None,
-                 micro_batch: int = 16, timeout_s: float | None = None):
+                 micro_batch: int = 16, timeout_s: float | None = None, algorithm: str = "rocm"):
         cls = ray.remote(RewardReplica)
         threads = max(1, int(num_cpus)) if num_cpus else 1
         self.timeout_s = timeout_s
@@ -482,7 +484,7 @@ class RewardService:
             if name:
                 opts["name"] = f"{name}-{i}"
             self.actors.append(cls.options(**opts).remote(reward, max_batch, batch_wait_ms, gather, threads,
-                                                          micro_batch, i))
+                                                          micro_batch, i, algorithm))
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, name: str | None = None, **overrides: Any) -> RewardService:
@@ -492,7 +494,7 @@ class RewardService:
         kwargs = dict(replicas=r.reward_replicas, num_gpus=r.reward_num_gpus, num_cpus=r.reward_num_cpus,
                       resources=r.reward_resources, max_restarts=r.max_restarts,
                       max_task_retries=r.max_task_retries, gather=per_replica, micro_batch=r.reward_micro_batch,
-                      timeout_s=r.reward_timeout_s, name=name)
+                      timeout_s=r.reward_timeout_s, name=name, algorithm=recipe.algorithm.name)
         kwargs.update(overrides)
         return cls(recipe.reward, **kwargs)
 

@@ -15,10 +15,10 @@ import torch
 from rocm_ray.config import Recipe, prompts_of
 from rocm_ray.evaluate import judge_accuracy, score_images
 from rocm_ray.models.policy import save_policy_weights
-from rocm_ray.rewards.gradient import score_with_grad
 from rocm_ray.train.builders import build_policy, build_reward, eval_grid_inputs, generate
 from rocm_ray.train.nonfinite import NonFiniteGuard, guarded_step, save_last_good, skipped_row
 from rocm_ray.train.outputs import MetricsLog, SampleLog, plot_curves, save_before_after, write_summary
+from rocm_ray.train.ppo_step import group_of, local_reward_fn, ppo_step, torch_optimizer_step
 from rocm_ray.train.step import rocm_step, step_batch
 
 
@@ -36,6 +36,10 @@ def step_kwargs(recipe: Recipe, device: str | torch.device = "cpu") -> dict:
     """The recipe's algorithm section as :func:`rocm_step` keywords (autocast on GPU only)."""
     a = recipe.algorithm
     on_gpu = torch.device(device).type == "cuda"
+    if a.name == "ppo":
+        from rocm_ray.train.ppo_step import ppo_kwargs
+
+        return ppo_kwargs(recipe)
     return dict(
         autocast_dtype=AUTOCAST[recipe.train.mixed_precision] if on_gpu else None,
         num_inference_steps=a.num_inference_steps, guidance_scale=a.guidance_scale, regularizer=a.regularizer,
@@ -52,6 +56,7 @@ def metrics_row(step: int, res, grad_norm: float, dt: float, batch: int, lr: flo
     if len(res.components) > 1:
         for name, v in res.components.items():
             row[f"reward_{name}"] = float(v.float().mean())
+    row.update(getattr(res, "extra", {}))  # PPO: clip_fraction, approx_kl, ppo_updates
     return row
 
 
@@ -68,10 +73,13 @@ def evaluate_before_after(recipe: Recipe, policy, scorer, prompts: list[str], re
     return out
 
 
-def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = None) -> RunResult:
+def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = None,
+                    evaluate: Callable[[int, object], dict] | None = None) -> RunResult:
     """Fine-tune ``recipe.model`` toward ``recipe.reward`` with regularized ROCM, in this process.
 
     ``on_step(row)`` is called with each step's metrics row (Ray Tune reports through it).
+    ``evaluate(step, policy)`` (benchmarks' learning curves) may add metrics to a step's row; its time is
+    not counted in the row's ``it_per_s``.
     """
     t = recipe.train
     if t.cpu_threads is not None:
@@ -81,7 +89,7 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
     prompts = prompts_of(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = build_policy(recipe, device)
-    scorer = build_reward(recipe.reward, device)
+    scorer = build_reward(recipe.reward, device, algorithm=recipe.algorithm.name)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs loaded: a bad input writes nothing
     (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     params = policy.trainable_parameters()
@@ -89,7 +97,8 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
     kind = f"LoRA r={recipe.model.lora_rank}" if policy.lora else "full"
     print(f"rocm-ray: {recipe.name}: {recipe.model.pretrained} ({kind}, {n_params:,} trainable parameters), "
           f"reward {[m.name for m in recipe.reward.models]}, "
-          f"{recipe.algorithm.regularizer} beta={recipe.algorithm.beta}, {t.steps} steps x {t.batch_size} images",
+          f"{recipe.algorithm.name} {recipe.algorithm.regularizer} beta={recipe.algorithm.beta}, {t.steps} steps x "
+          f"{t.batch_size} images",
           flush=True)
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
 
@@ -101,15 +110,18 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
                      recipe.logging.wandb_project if recipe.logging.wandb else None,
                      recipe.logging.tensorboard, recipe.name, recipe.to_dict())
     kwargs = step_kwargs(recipe, device)
-    reward_fn = lambda images, ps: score_with_grad(scorer, images, ps)  # noqa: E731
+    step_fn, reward_fn = rocm_step, local_reward_fn(scorer, "rocm")
+    if recipe.algorithm.name == "ppo":  # RLCM-style PPO: inner updates stepped through the same optimizer
+        step_fn, reward_fn = ppo_step, local_reward_fn(scorer, "ppo")
+        kwargs["optimizer_step"] = torch_optimizer_step(opt, params, t.max_grad_norm)
     guard = NonFiniteGuard(t.max_nonfinite_steps)
     t_start = time.perf_counter()
     for step in range(1, t.steps + 1):
         t0 = time.perf_counter()
-        ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
+        ps, seeds = step_batch(prompts, t.batch_size, step, t.seed, group=group_of(recipe))
         opt.zero_grad(set_to_none=True)
         res, skip = guarded_step(
-            lambda bw, ps=ps, seeds=seeds: rocm_step(policy, ps, seeds, reward_fn, backward=bw, **kwargs),
+            lambda bw, ps=ps, seeds=seeds: step_fn(policy, ps, seeds, reward_fn, backward=bw, **kwargs),
             lambda loss: loss.backward())
         gn = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf) \
             if skip is None else torch.tensor(math.nan)
@@ -125,6 +137,8 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
         opt.step()
         guard.ok()
         row = guard.annotate(metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr), False)
+        if evaluate is not None:
+            row.update(evaluate(step, policy))
         log.log(row)
         if on_step is not None:
             on_step(row)
@@ -154,7 +168,8 @@ def finish_run(recipe: Recipe, out_dir: Path, policy, scorer, prompts: list[str]
     save_before_after(before["images"], after["images"], recipe.data.eval_seeds,
                       list(dict.fromkeys(before["prompts"])), out_dir / "grid.png")
     images = t.steps * t.batch_size if images_trained is None else images_trained
-    summary = {"name": recipe.name, "steps": t.steps, "regularizer": recipe.algorithm.regularizer,
+    summary = {"name": recipe.name, "algorithm": recipe.algorithm.name, "steps": t.steps,
+               "regularizer": recipe.algorithm.regularizer,
                "beta": recipe.algorithm.beta, "wall_time_s": round(wall, 1),
                "images_per_s": round(images / wall, 2) if wall > 0 else 0.0}
     for key in ("reward", "judge_accuracy"):

@@ -192,7 +192,7 @@ def worker_reward(config: dict, rank: int, device: torch.device) -> Any:
     if recipe.ray.reward_placement == "colocated":
         from rocm_ray.rewards.service import LocalReward
 
-        return LocalReward(recipe.reward, device, recipe.ray.reward_micro_batch)
+        return LocalReward(recipe.reward, device, recipe.ray.reward_micro_batch, recipe.algorithm.name)
     return config["reward_client"].for_rank(rank)
 
 

@@ -255,8 +255,8 @@ class InjectedReward:
     def __init__(self, reward: Any, at: dict[int, str], current_step: Callable[[], int]):
         self._reward, self._bad, self._step = reward, _checked_kinds(at), current_step
 
-    def submit(self, images: Tensor, prompts: list[str]) -> _InjectedPending:
-        return _InjectedPending(self._reward.submit(images, prompts), self._bad.get(self._step()))
+    def submit(self, images: Tensor, prompts: list[str], **kw: Any) -> _InjectedPending:
+        return _InjectedPending(self._reward.submit(images, prompts, **kw), self._bad.get(self._step()))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reward, name)
@@ -268,5 +268,5 @@ class _InjectedPending:
 
     def result(self) -> tuple[Tensor, Tensor, Any]:
         r, g, parts = self._pending.result()
-        r, g = _corrupt(self._kind, r, g)
+        r, g = _corrupt(self._kind, r, g) if g is not None or self._kind == "reward" else (r, g)
         return r, g, parts

@@ -40,6 +40,7 @@ from rocm_ray.train.nonfinite import (
     skipped_row,
     stop_on_nonfinite,
 )
+from rocm_ray.train.ppo_step import group_of
 from rocm_ray.train.step import NonFiniteError, shard, step_batch
 
 STATE_FILE = "state.json"
@@ -199,6 +200,11 @@ def train_loop_per_worker(config: dict) -> None:
     time_gradient_allreduce(engine, clock)
 
     kwargs = step_kwargs(recipe, device)
+    ppo = recipe.algorithm.name == "ppo"
+    if ppo:  # RLCM-style PPO: inner updates stepped through the engine
+        from rocm_ray.train.ppo_step import engine_optimizer_step, ppo_step
+
+        kwargs["optimizer_step"] = engine_optimizer_step(engine, stage)
     nodes: list[str] = [""] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
@@ -251,12 +257,17 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         current[0] = step
         clock.times = type(clock.times)()
-        ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
+        ps, seeds = step_batch(prompts, t.batch_size, step, t.seed, group=group_of(recipe))
         ps, seeds = shard(ps, rank, world), shard(seeds, rank, world)
         micro_steps = engine.micro_steps
-        res, skip = guarded_step(lambda bw, ps=ps, seeds=seeds: micro_batch_step(
-            policy, ps, seeds, reward, engine, t.micro_batch_size, clock, ref_engine=ref_engine, backward=bw,
-            **kwargs), engine.backward, agree)
+        if ppo:  # the rollout scored without reward gradients, then the inner PPO updates
+            res, skip = guarded_step(lambda bw, ps=ps, seeds=seeds: ppo_step(
+                policy, ps, seeds, lambda images, p: reward.submit(images, p, grad=False).result(),
+                eps_fn=policy.eps_fn(engine), backward=bw, **kwargs), engine.backward, agree)
+        else:
+            res, skip = guarded_step(lambda bw, ps=ps, seeds=seeds: micro_batch_step(
+                policy, ps, seeds, reward, engine, t.micro_batch_size, clock, ref_engine=ref_engine, backward=bw,
+                **kwargs), engine.backward, agree)
         gn = math.nan
         if skip is None:
             gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
@@ -265,7 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
                 engine.step()
                 clock.add("optimizer", t_opt)
             gn = gn if gn is not None else grad_norm(engine)
-        elif engine.micro_steps != micro_steps:  # skipped after some micro-batches were accumulated
+        elif not ppo and engine.micro_steps != micro_steps:  # skipped after some micro-batches were accumulated
             if stage:
                 raise NonFiniteError(f"step {step}: {skip} after {engine.micro_steps - micro_steps} accumulated "
                                      "micro-batch(es) under ZeRO >= 1, which cannot be rolled back; run without "

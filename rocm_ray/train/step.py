@@ -26,14 +26,17 @@ class NonFiniteError(FloatingPointError):
     """A loss, reward or gradient became NaN/inf; raised instead of training on garbage."""
 
 
-def step_batch(prompts: Sequence[str], batch_size: int, step: int, seed: int) -> tuple[list[str], list[int]]:
+def step_batch(prompts: Sequence[str], batch_size: int, step: int, seed: int,
+               group: int = 1) -> tuple[list[str], list[int]]:
     """The global batch of step ``step``: prompts drawn from ``prompts`` and one noise seed per sample.
 
     A pure function of (seed, step), so every worker, and every resumed run, agrees on it; a worker
-    takes its contiguous shard.
+    takes its contiguous shard. ``group > 1`` (PPO): ``batch_size / group`` prompts, each repeated
+    ``group`` times in a row (with different seeds), so per-prompt statistics stay inside a shard.
     """
     rng = random.Random(seed * 1_000_003 + step)
-    chosen = [prompts[rng.randrange(len(prompts))] for _ in range(batch_size)]
+    drawn = [prompts[rng.randrange(len(prompts))] for _ in range(batch_size // group)]
+    chosen = [p for p in drawn for _ in range(group)]
     seeds = [seed * 1_000_000_007 + step * 10_007 + i for i in range(batch_size)]
     return chosen, seeds
 
