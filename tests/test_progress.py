@@ -112,9 +112,11 @@ def test_cli_verbose_flag_reaches_the_environment(monkeypatch, capsys):
     without the flag the environment is left as it was."""
     from rocm_ray.cli import main
 
-    monkeypatch.delenv("ROCM_RAY_VERBOSE", raising=False)
+    # setenv, not delenv: monkeypatch then removes what main() sets, so later tests (and the Ray clusters
+    # they start) do not inherit ROCM_RAY_VERBOSE=1
+    monkeypatch.setenv("ROCM_RAY_VERBOSE", "0")
     assert main(["train", "recipes/does_not_exist.yaml"]) == 2
-    assert "ROCM_RAY_VERBOSE" not in os.environ
+    assert os.environ["ROCM_RAY_VERBOSE"] == "0"
     assert main(["train", "recipes/does_not_exist.yaml", "--verbose"]) == 2
     assert os.environ["ROCM_RAY_VERBOSE"] == "1"
     assert "recipe file not found" in capsys.readouterr().err
