@@ -67,17 +67,22 @@ def evaluate_before_after(recipe: Recipe, policy, scorer, prompts: list[str], re
     return out
 
 
-def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = None) -> RunResult:
+def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = None, resume: bool = False,
+                    force: bool = False) -> RunResult:
     """Fine-tune ``recipe.model`` toward ``recipe.reward`` with regularized ROCM, in this process.
 
-    ``on_step(row)`` is called with each step's metrics row (Ray Tune reports through it).
+    ``on_step(row)`` is called with each step's metrics row (Ray Tune reports through it). Checkpoints every
+    ``train.checkpoint_every`` steps; ``resume`` continues from the newest complete one, ``force`` replaces
+    an existing run (:class:`rocm_ray.train.checkpoint.InprocessRun`).
     """
+    from rocm_ray.train.checkpoint import InprocessRun
+
     t = recipe.train
     if t.cpu_threads is not None:
         torch.set_num_threads(t.cpu_threads)
     torch.manual_seed(t.seed)
-    out_dir = recipe.output_path
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run = InprocessRun(recipe, resume=resume, force=force)
+    out_dir = run.out_dir
     (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     prompts = prompts_of(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,18 +96,21 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
           f"{recipe.algorithm.regularizer} beta={recipe.algorithm.beta}, {t.steps} steps x {t.batch_size} images",
           flush=True)
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    named = [(n, p) for n, p in policy.unet.named_parameters() if p.requires_grad]
+    start, prior_rows = run.restore(named, opt)
 
     before = evaluate_before_after(recipe, policy, scorer, prompts, reference=True)
-    samples = SampleLog(out_dir / "samples.parquet")
+    samples = SampleLog(out_dir / "samples.parquet", append=bool(start))
     samples.add(0, before["prompts"], before["seeds"], before["images"],
                 score_images(scorer, before["images"], before["prompts"]), {}, None)
     log = MetricsLog(out_dir, t.steps, recipe.logging.log_every,
                      recipe.logging.wandb_project if recipe.logging.wandb else None,
                      recipe.logging.tensorboard, recipe.name, recipe.to_dict())
+    log.rows = prior_rows  # a resume continues the checkpoint's rows (later ones are written again)
     kwargs = step_kwargs(recipe, device)
     reward_fn = lambda images, ps: score_with_grad(scorer, images, ps)  # noqa: E731
     t_start = time.perf_counter()
-    for step in range(1, t.steps + 1):
+    for step in range(start + 1, t.steps + 1):
         t0 = time.perf_counter()
         ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
         opt.zero_grad(set_to_none=True)
@@ -111,8 +119,9 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
         if not torch.isfinite(gn):
             raise NonFiniteError(f"step {step}: gradient norm is {float(gn)}; lower train.lr or algorithm.beta")
         opt.step()
-        row = metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr)
+        row = metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, opt.param_groups[0]["lr"])
         log.log(row)
+        run.after_step(step, named, opt, log.rows)
         if on_step is not None:
             on_step(row)
         every = recipe.logging.sample_every
@@ -120,7 +129,10 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
             samples.add(step, ps, seeds, res.images, res.rewards, res.components, res.sample_divergences)
     wall = time.perf_counter() - t_start
     log.close()
-    return finish_run(recipe, out_dir, policy, scorer, prompts, before, log.rows, samples, wall)
+    res = finish_run(recipe, out_dir, policy, scorer, prompts, before, log.rows, samples, wall,
+                     images_trained=(t.steps - start) * t.batch_size)
+    run.stage.commit()
+    return res
 
 
 def finish_run(recipe: Recipe, out_dir: Path, policy, scorer, prompts: list[str], before: dict,
