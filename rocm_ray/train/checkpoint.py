@@ -225,6 +225,14 @@ def set_full_state(named: list[tuple[str, torch.nn.Parameter]], optimizer, zero:
         raise ValueError("an elastic resume (another train.num_workers) is not supported under ZeRO-3")
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+    base = _base_optimizer(optimizer)
+    if moments and not _has_moments(optimizer):  # a fresh engine: AdamW creates its state at the first step
+        for flat in getattr(optimizer, "single_partition_of_fp32_groups", []):
+            base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                                "exp_avg_sq": torch.zeros_like(flat)}
+        optimizer._hp_optimizer_states_linked = False
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):  # DeepSpeed links them after a first step
+        optimizer._lazy_init_hp_params_optimizer_state()
     for n, p in named:
         with torch.no_grad():
             p.data.copy_(weights[n].to(p.device, p.dtype))  # the module's copy (a view of ZeRO's flat buffer)
@@ -232,7 +240,7 @@ def set_full_state(named: list[tuple[str, torch.nn.Parameter]], optimizer, zero:
         for key in ("exp_avg", "exp_avg_sq"):
             if f"{key}/{n}" in moments:
                 safe_set_full_optimizer_state(p, moments[f"{key}/{n}"].to(torch.float32), key)
-    for st in _base_optimizer(optimizer).state.values():
+    for st in base.state.values():
         if "step" in st:
             st["step"] = torch.tensor(float(step)) if torch.is_tensor(st["step"]) else step
 

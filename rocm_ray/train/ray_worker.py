@@ -239,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
                     save_file(moments, str(d / OPTIMIZER_FILE))
                 torch.save(samples, d / SAMPLES_FILE)
                 state = checkpoint_state(recipe, step, world, stage, rows, optimizer_step_count(engine.optimizer),
-                                         worker_nodes=nodes, timing=timing)
+                                         worker_nodes=nodes, timing=timing, attempt_start=start)
                 (d / STATE_FILE).write_text(json.dumps(state))
             write_manifest(d, rank)  # this rank's files: a checkpoint missing any of them is never resumed
             stall = hooks.get("stall_save")  # test hook [rank, step, seconds]: this rank reports late
@@ -253,18 +253,14 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(start + 1, t.steps + 1):
         if fail_at is not None and step == fail_at and start == 0:
             raise RuntimeError(f"injected failure at step {step} (test hook fail_at_step)")
-        kill = hooks.get("kill_rank_at")  # test hook [rank, step]: SIGKILL this worker once, mid-run
-        if kill and kill[0] == rank and kill[1] == step and start == 0:
-            import os
-            import signal
 
-            os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.perf_counter()
         reward_s[0] = 0.0
         ps, seeds = step_batch(prompts, t.batch_size, step, t.seed)
         ps, seeds = shard(ps, rank, world), shard(seeds, rank, world)
         res = rocm_step(policy, ps, seeds, reward_fn, eps_fn=policy.eps_fn(engine), backward=engine.backward,
                         **kwargs)
+        _maybe_kill(hooks, rank, step, config.get("location"))  # test hook: SIGKILL mid-step, once per run
         gn = grad_norm(engine) if stage == 0 else None  # stage 0: before step() zeroes the gradients
         engine.step()
         gn = gn if gn is not None else grad_norm(engine)
@@ -311,3 +307,21 @@ def _live_metrics(config: dict, start: int):
     return LiveMetrics(RunStorage(location), resume_step=start, tensorboard=lg.tensorboard,
                        wandb_project=lg.wandb_project if lg.wandb else None, run_name=recipe.name,
                        config=recipe.to_dict())
+
+
+def _maybe_kill(hooks: dict, rank: int, step: int, location: str | None) -> None:
+    """Test hook ``kill_rank_at: [rank, step]``: that rank SIGKILLs its own process mid-step, once per run
+    (a marker at the run location remembers it across Ray Train's restart)."""
+    kill = hooks.get("kill_rank_at")
+    if not kill or kill[0] != rank or kill[1] != step or not location:
+        return
+    import os
+    import signal
+
+    from rocm_ray.train.storage import RunStorage
+
+    storage = RunStorage(location)
+    if storage.exists(".test_hooks/killed"):
+        return
+    storage.write_text(".test_hooks/killed", f"rank {rank} step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
