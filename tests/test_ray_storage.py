@@ -7,7 +7,7 @@ therefore node-local and must be refused before training; ``s3://`` works from e
 
 One run (a subprocess driver, like ``rocm-ray train`` on a cluster) goes through the faults in order:
 rank 1 SIGKILLs itself mid-step 4 (Ray Train restarts the group from the step-2 checkpoint, read back from
-S3), rank 1 then stalls while reporting the step-6 checkpoint (rank 0's files of it are on S3 already) and
+S3), rank 1 then stalls uploading its files of the step-6 checkpoint (rank 0's are on S3 already) and
 the driver is SIGKILLed; ``--resume`` with 1 worker and another lr continues from step 4 (the newest
 checkpoint Ray registered) to step 8. Losses are compared with the in-process trainer (same seeds) at the
 tolerance of docs/distributed.md.
@@ -142,7 +142,7 @@ def test_node_local_storage_fails_fast(cluster, tmp_path):
     assert took < 60
     assert "train.output_dir" in msg and "ROCM_RAY_OUTPUT_ROOT" in msg and "node-local" in msg
     assert "s3://" in msg and "/mnt/shared" in msg  # what to set
-    assert not (tmp_path / "run" / "ray").exists()  # nothing trained
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def _driver(cluster, log: Path, *args: str, hooks: dict | None = None) -> subprocess.Popen:
@@ -169,16 +169,20 @@ def test_s3_run_survives_a_killed_worker_and_a_killed_driver(cluster, tmp_path):
     loc = f"s3://{cluster['bucket']}/runs/{RUN}"
     storage = RunStorage(loc)
     out = [f"train.output_dir={loc}"]
-    # 1. rank 1 SIGKILLs itself in step 4; rank 1 stalls reporting the step-6 checkpoint; then the driver dies
+    # 1. rank 1 SIGKILLs itself in step 4; rank 1 stalls uploading the step-6 checkpoint; the driver dies
     log1 = tmp_path / "driver1.log"
     drv = _driver(cluster, log1, *out, "train.steps=8",
                   hooks={"kill_rank_at": [1, 4], "stall_save": [1, 6, 600]})
     torn = f"ray/{RUN}/checkpoint_000006"
     end = time.monotonic() + 600
-    while time.monotonic() < end and drv.poll() is None and not storage.is_file(f"{torn}/manifest_rank0.json"):
+    while time.monotonic() < end and drv.poll() is None and not (
+            storage.is_file(f"{torn}/manifest_rank0.json") and storage.is_file(f"{torn}/state.json")):
         time.sleep(0.5)
-    assert drv.poll() is None, f"driver ended early:\n{log1.read_text()[-5000:]}"
-    assert storage.is_file(f"{torn}/state.json"), f"rank 0 never uploaded step 6:\n{log1.read_text()[-5000:]}"
+    time.sleep(1.0)  # rank 0's upload of its last files (it uploads file by file)
+    if drv.poll() is not None or not storage.is_file(f"{torn}/state.json"):
+        drv.kill()
+        drv.wait(timeout=30)
+        pytest.fail(f"the driver ended, or rank 0 never uploaded step 6:\n{log1.read_text()[-5000:]}")
     os.kill(drv.pid, signal.SIGKILL)  # the driver dies while the step-6 checkpoint is half written
     drv.wait(timeout=30)
     rows_a = read_metrics(storage)

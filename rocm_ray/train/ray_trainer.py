@@ -324,5 +324,11 @@ def _prepare_location(recipe: Recipe, storage: RunStorage, run_rel: str, resume:
         return None, 0
     state = read_state(resume_from)
     check_resume(recipe, state, str(resume_from))
+    registered = set(registered_checkpoints(storage, run_rel))
+    for name in storage.listdir(run_rel):  # debris of an attempt that died while saving: never registered
+        if name.startswith("checkpoint_") and name not in registered and name > Path(str(resume_from)).name:
+            print(f"rocm-ray: removing {storage.uri(run_rel, name)}: an incomplete checkpoint Ray Train never "
+                  "registered (its step is trained again)", flush=True)
+            storage.delete(f"{run_rel}/{name}")
     print(f"rocm-ray: --resume from {resume_from} (step {state['step']})", flush=True)
     return resume_from, int(state["step"])

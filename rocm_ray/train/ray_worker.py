@@ -242,11 +242,11 @@ def train_loop_per_worker(config: dict) -> None:
                                          worker_nodes=nodes, timing=timing, attempt_start=start)
                 (d / STATE_FILE).write_text(json.dumps(state))
             write_manifest(d, rank)  # this rank's files: a checkpoint missing any of them is never resumed
-            stall = hooks.get("stall_save")  # test hook [rank, step, seconds]: this rank reports late
-            if stall and stall[0] == rank and stall[1] == step and start == 0:
-                time.sleep(stall[2])
+            stall = hooks.get("stall_save")  # test hook [rank, step, seconds]: this rank uploads late
+            upload = _slow_upload(recipe.name, config["location"], stall[2]) \
+                if stall and stall[0] == rank and stall[1] == step else None
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_dir_name(step))
+                             checkpoint_dir_name=checkpoint_dir_name(step), checkpoint_upload_fn=upload)
 
     fail_at = config.get("fail_at_step")
     every = t.checkpoint_every
@@ -325,3 +325,19 @@ def _maybe_kill(hooks: dict, rank: int, step: int, location: str | None) -> None
         return
     storage.write_text(".test_hooks/killed", f"rank {rank} step {step}\n")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _slow_upload(name: str, location: str, seconds: float):
+    """Test hook ``stall_save``: a ``checkpoint_upload_fn`` that waits ``seconds`` before uploading this rank's
+    files (after Ray Train's barrier: the other ranks' files of the checkpoint are uploaded meanwhile)."""
+    import ray.train
+
+    from rocm_ray.train.storage import RunStorage
+
+    def upload(checkpoint, dir_name: str):
+        time.sleep(seconds)
+        storage = RunStorage(location)
+        storage.upload(checkpoint.path, f"ray/{name}/{dir_name}")
+        return ray.train.Checkpoint(storage.uri("ray", name, dir_name))
+
+    return upload

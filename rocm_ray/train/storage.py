@@ -27,7 +27,6 @@ import io
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -256,6 +255,7 @@ def check_storage_shared(storage: RunStorage, source: str, timeout_s: float = 60
     if len(nodes) <= 1:
         return
     rel = f".rocm_ray_probe/{uuid.uuid4().hex}"
+    created = not storage.exists()
     try:
         storage.write_text(rel, "rocm_ray storage probe\n")
     except Exception as e:  # noqa: BLE001 - any failure to write is a storage error for the user
@@ -269,6 +269,8 @@ def check_storage_shared(storage: RunStorage, source: str, timeout_s: float = 60
     finally:
         try:
             storage.delete(".rocm_ray_probe")
+            if created and storage.is_local and not storage.listdir():
+                storage.local_path.rmdir()  # leave nothing behind where nothing was
         except Exception:  # noqa: BLE001 - best effort
             pass
     ips = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
@@ -394,12 +396,3 @@ def _start_wandb(project: str, name: str, storage: RunStorage, config: dict | No
               "(WANDB_MODE=offline logs locally)", flush=True)
         return None
 
-
-def wait_for(predicate, timeout_s: float, every_s: float = 0.2) -> bool:
-    """Poll ``predicate`` until true or ``timeout_s`` passed; returns its last value (bounded waits)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(every_s)
-    return bool(predicate())
