@@ -101,7 +101,8 @@ def cluster(s3_server):
         p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                             f"mount -t tmpfs tmpfs /tmp && exec {worker}"], env=worker_env, timeout=240,
                            capture_output=True, text=True)
-        assert p.returncode == 0, p.stdout + p.stderr
+        if p.returncode:  # `ray start` waits only 30 s for its raylet; on a loaded machine it registers later
+            print(f"worker node's `ray start` returned {p.returncode}; waiting for its raylet:\n{p.stderr[-2000:]}")
         import ray
 
         mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the driver resolves its own IP to loopback
@@ -110,10 +111,10 @@ def cluster(s3_server):
         from rocm_ray.train.ray_logging import SETUP_HOOK
 
         ray.init(address=f"127.0.0.1:{gcs}", runtime_env={"worker_process_setup_hook": SETUP_HOOK})
-        end = time.monotonic() + 120
+        end = time.monotonic() + 180
         while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < end:
             time.sleep(0.5)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, ray.nodes()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, f"the worker node never joined: {p.stderr[-3000:]}"
         yield {"address": f"127.0.0.1:{gcs}", "env": env, "bucket": s3_server["bucket"]}
     finally:
         try:
