@@ -238,3 +238,24 @@ def test_elastic_optimizer_state_moves_between_zero_stages(tmp_path):
     for ln in lines:
         assert "8 moments, step 3" in ln  # 4 tensors x (exp_avg, exp_avg_sq), AdamW step count carried over
         assert float(ln.rsplit(" ", 1)[1]) <= 1e-6, ln
+
+
+def test_live_metrics_wandb_offline_and_tensorboard_local(tmp_path, monkeypatch):
+    """W&B offline (no key, no network): one run id per location, files under <location>/wandb; TensorBoard
+    events under <location>/tensorboard; metrics.csv appended line by line."""
+    pytest.importorskip("wandb")
+    from rocm_ray.train.storage import LiveMetrics, RunStorage, read_metrics
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    storage = RunStorage(str(tmp_path / "run"))
+    log = LiveMetrics(storage, tensorboard=True, wandb_project="rocm_ray_test", run_name="t")
+    assert log._wandb is not None, "W&B offline must start without a key or network"
+    for step in (1, 2):
+        log.log({"step": step, "loss": -float(step), "lr": 0.05})
+    log.close()
+    assert [r["step"] for r in read_metrics(storage)] == [1, 2]
+    assert (tmp_path / "run/metrics.csv").read_text().count("\n") == 3  # header + 2 rows
+    assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "run/wandb").glob("offline-run-*"))
