@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ IGNORED_PREFIXES = ("name", "train.output_dir", "ray.", "tune.", "logging.", "tr
 
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:06d}"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    """A checkpoint folder's name (``checkpoint_000004``; not Ray's ``checkpoint_manager_snapshot.json``)."""
+    return re.fullmatch(r"checkpoint_\d+", name) is not None
 
 
 def manifest_name(rank: int) -> str:
@@ -280,7 +286,7 @@ def save_inprocess(storage: RunStorage, step: int, named: list[tuple[str, torch.
         storage.delete(rel)  # a torn earlier attempt at this step
         storage.upload(d, rel)
         storage.write_bytes(f"{rel}/{manifest_name(0)}", manifest)  # last: the checkpoint is complete now
-    names = sorted(n for n in storage.listdir(INPROCESS_DIR) if n.startswith("checkpoint_"))
+    names = sorted(n for n in storage.listdir(INPROCESS_DIR) if is_checkpoint_name(n))
     for old in names[:-keep]:
         storage.delete(f"{INPROCESS_DIR}/{old}")
     return rel
@@ -307,7 +313,7 @@ def load_inprocess(storage: RunStorage, rel: str, named: list[tuple[str, torch.n
 
 
 def latest_inprocess(storage: RunStorage) -> tuple[str, dict] | None:
-    names = [n for n in storage.listdir(INPROCESS_DIR) if n.startswith("checkpoint_")]
+    names = [n for n in storage.listdir(INPROCESS_DIR) if is_checkpoint_name(n)]
     return latest_complete(storage, INPROCESS_DIR, names)
 
 
@@ -322,7 +328,7 @@ class InprocessRun:
         self.recipe = recipe
         self.storage = RunStorage(run_location(recipe))
         found = latest_inprocess(self.storage)
-        has_any = any(n.startswith("checkpoint_") for n in self.storage.listdir(INPROCESS_DIR))
+        has_any = any(is_checkpoint_name(n) for n in self.storage.listdir(INPROCESS_DIR))
         if not resume and has_any and not force:
             raise StorageError(recipe.source, (
                 f"a run already exists at {self.storage.uri(INPROCESS_DIR)}: pass --resume to continue it, or "

@@ -307,10 +307,10 @@ def _prepare_location(recipe: Recipe, storage: RunStorage, run_rel: str, resume:
                       force: bool) -> tuple[str | Path | None, int]:
     """Before Ray starts: the checkpoint ``--resume`` continues from (checked against the recipe) and its
     step, or a refusal to start a fresh run over an existing one without ``force``."""
-    from rocm_ray.train.checkpoint import check_resume, registered_checkpoints
+    from rocm_ray.train.checkpoint import check_resume, is_checkpoint_name, registered_checkpoints
 
     exists = bool(registered_checkpoints(storage, run_rel)) or any(
-        n.startswith("checkpoint_") for n in storage.listdir(run_rel))
+        is_checkpoint_name(n) for n in storage.listdir(run_rel))
     if not resume:
         if exists and not force:
             raise StorageError(recipe.source, (
@@ -326,7 +326,7 @@ def _prepare_location(recipe: Recipe, storage: RunStorage, run_rel: str, resume:
     check_resume(recipe, state, str(resume_from))
     registered = set(registered_checkpoints(storage, run_rel))
     for name in storage.listdir(run_rel):  # debris of an attempt that died while saving: never registered
-        if name.startswith("checkpoint_") and name not in registered and name > Path(str(resume_from)).name:
+        if is_checkpoint_name(name) and name not in registered and name > Path(str(resume_from)).name:
             print(f"rocm-ray: removing {storage.uri(run_rel, name)}: an incomplete checkpoint Ray Train never "
                   "registered (its step is trained again)", flush=True)
             storage.delete(f"{run_rel}/{name}")
