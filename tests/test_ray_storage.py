@@ -99,12 +99,6 @@ def cluster(s3_server):
         h = subprocess.run(head, env=env, timeout=240, capture_output=True, text=True)
         if h.returncode:  # `ray start` waits only 30 s for its raylet; on a loaded machine it registers later
             print(f"head's `ray start` returned {h.returncode}; waiting for its raylet:\n{h.stderr[-2000:]}")
-        # the worker node: its own mount namespace, a private tmpfs over /tmp (the head's and pytest's files)
-        p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                            f"mount -t tmpfs tmpfs /tmp && exec {worker}"], env=worker_env, timeout=240,
-                           capture_output=True, text=True)
-        if p.returncode:  # `ray start` waits only 30 s for its raylet; on a loaded machine it registers later
-            print(f"worker node's `ray start` returned {p.returncode}; waiting for its raylet:\n{p.stderr[-2000:]}")
         import ray
 
         mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the driver resolves its own IP to loopback
@@ -113,10 +107,20 @@ def cluster(s3_server):
         from rocm_ray.train.ray_logging import SETUP_HOOK
 
         ray.init(address=f"127.0.0.1:{gcs}", runtime_env={"worker_process_setup_hook": SETUP_HOOK})
-        end = time.monotonic() + 180
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < end:
-            time.sleep(0.5)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, f"the worker node never joined: {p.stderr[-3000:]}"
+        errors = ""
+        for _attempt in range(2):  # `ray start` waits only 30 s for its raylet: a loaded machine can miss that
+            # the worker node: its own mount namespace, a private tmpfs over /tmp (the head's and pytest's files)
+            p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                f"mount -t tmpfs tmpfs /tmp && exec {worker}"], env=worker_env, timeout=240,
+                               capture_output=True, text=True)
+            errors += p.stderr[-2000:]
+            end = time.monotonic() + (60 if p.returncode else 180)
+            while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < end:
+                time.sleep(0.5)
+            if len([n for n in ray.nodes() if n["Alive"]]) == 2:
+                break
+            _stop_head([worker_tmp])  # this attempt's leftovers, then once more
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, f"the worker node never joined: {errors}"
         yield {"address": f"127.0.0.1:{gcs}", "env": env, "bucket": s3_server["bucket"]}
     finally:
         try:
