@@ -71,10 +71,13 @@ def connect_ray(address: str | None, num_cpus_needed: float = 1.0) -> bool:
 
 
 def local_ray_options() -> dict[str, Any]:
-    """``ray.init`` options of a local Ray on loopback only (no dashboard), with quiet Ray Train logs."""
+    """``ray.init`` options of a local Ray on loopback only (no dashboard), with quiet Ray Train logs.
+
+    ``address="local"``: always a new Ray; without it ``ray.init`` joins any Ray it finds running on the machine.
+    """
     from rocm_ray.train.ray_logging import SETUP_HOOK
 
-    return {"_node_ip_address": "127.0.0.1", "include_dashboard": False,
+    return {"address": "local", "_node_ip_address": "127.0.0.1", "include_dashboard": False,
             "runtime_env": {"worker_process_setup_hook": SETUP_HOOK}}
 
 
