@@ -1,6 +1,6 @@
 """``rocm-ray``: the command line.
 
-    rocm-ray train RECIPE [key=value ...] [--resume] [--verbose]
+    rocm-ray train RECIPE [key=value ...] [--resume | --force] [--verbose]
     rocm-ray keys                         every recipe key, its type, default and meaning
     rocm-ray check RECIPE [key=value ...] validate a recipe and print it resolved
     rocm-ray build-tiny --out DIR         rebuild the embedded tiny world from scikit-learn's digits
@@ -38,14 +38,11 @@ def cmd_train(args) -> int:
     if uses_ray:
         from rocm_ray.train.ray_trainer import train_ray
 
-        train_ray(recipe, resume=args.resume)
+        train_ray(recipe, resume=args.resume, force=args.force)
     else:
-        if args.resume:
-            return _fail(f"{recipe.source}: --resume needs the Ray path (train.num_workers >= 1); the in-process "
-                         "trainer restarts from step 0: run without --resume")
         from rocm_ray.train.inprocess import train_inprocess
 
-        train_inprocess(recipe)
+        train_inprocess(recipe, resume=args.resume, force=args.force)
     return 0
 
 
@@ -71,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune an LCM with ROCM (in-process, or Ray Train if train.num_workers>=1)")
     t.add_argument("recipe", help="recipes/<name>.yaml")
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. algorithm.beta=0.1")
-    t.add_argument("--resume", action="store_true", help="resume from the run's latest checkpoint (Ray path)")
+    t.add_argument("--resume", action="store_true", help="resume from the run's latest complete checkpoint")
+    t.add_argument("--force", action="store_true", help="replace (delete) an existing run at train.output_dir")
     t.add_argument("--verbose", action="store_true", help="show library warnings, INFO logs and loading bars")
     t.set_defaults(func=cmd_train)
 

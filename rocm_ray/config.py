@@ -131,9 +131,9 @@ class TrainConfig:
     use_gpu: bool = _f(False, help="Ray Train workers on GPUs")
     zero_stage: int = _f(0, ge=0, le=3, help="DeepSpeed ZeRO stage of the Ray Train workers")
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", help="autocast dtype on GPU")
-    checkpoint_every: int = _f(0, ge=0, help="steps between checkpoints (0 = only at the end)")
+    checkpoint_every: int = _f(0, ge=0, help="steps between checkpoints (Ray: 0 = at the end; in-process: 0 = none)")
     max_failures: int = _f(0, ge=-1, help="Ray Train FailureConfig.max_failures")
-    output_dir: str = _f("outputs/{name}", help="where the run writes ({name} = recipe name)")
+    output_dir: str = _f("outputs/{name}", help="where the run lives: a folder or s3://... ({name} = recipe name)")
     cpu_threads: int | None = _f(None, ge=1, help="torch CPU threads of the in-process trainer (null = torch's)")
     micro_batch_size: int | None = _f(None, ge=1, help="images per micro-batch of a Ray worker (gradient "
                                       "accumulation; remote scoring overlaps sampling); null = whole shard")

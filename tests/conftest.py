@@ -53,3 +53,50 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (``moto`` in server mode) on a free loopback port, with a bucket.
+
+    Yields the environment (endpoint, dummy credentials) that pyarrow, Ray and boto read; the test sets it
+    where its processes need it. Skips where ``moto[server]`` is not installed.
+    """
+    pytest.importorskip("moto.server", reason="needs moto[server] (dev extra) for a local S3 server")
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        for _ in range(150):  # bounded: 30 s
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if proc.poll() is not None:
+                    pytest.fail(f"moto server exited with {proc.returncode}")
+                time.sleep(0.2)
+        else:
+            pytest.fail("moto server did not start within 30 s")
+        req = urllib.request.Request(f"{endpoint}/rocm-ray-test", method="PUT")  # create the bucket
+        urllib.request.urlopen(req, timeout=10)
+        yield {"env": env, "bucket": "rocm-ray-test", "endpoint": endpoint}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

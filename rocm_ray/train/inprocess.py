@@ -74,23 +74,29 @@ def evaluate_before_after(recipe: Recipe, policy, scorer, prompts: list[str], re
 
 
 def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = None,
-                    evaluate: Callable[[int, object], dict] | None = None) -> RunResult:
-    """Fine-tune ``recipe.model`` toward ``recipe.reward`` with regularized ROCM, in this process.
+                    evaluate: Callable[[int, object], dict] | None = None, resume: bool = False,
+                    force: bool = False) -> RunResult:
+    """Fine-tune ``recipe.model`` toward ``recipe.reward`` with regularized ROCM (or the PPO baseline), in
+    this process.
 
     ``on_step(row)`` is called with each step's metrics row (Ray Tune reports through it).
     ``evaluate(step, policy)`` (benchmarks' learning curves) may add metrics to a step's row; its time is
-    not counted in the row's ``it_per_s``.
+    not counted in the row's ``it_per_s``. Checkpoints every ``train.checkpoint_every`` steps; ``resume``
+    continues from the newest complete one, ``force`` replaces an existing run
+    (:class:`rocm_ray.train.checkpoint.InprocessRun`).
     """
+    from rocm_ray.train.checkpoint import InprocessRun
+
     t = recipe.train
     if t.cpu_threads is not None:
         torch.set_num_threads(t.cpu_threads)
     torch.manual_seed(t.seed)
-    out_dir = recipe.output_path
     prompts = prompts_of(recipe)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = build_policy(recipe, device)
     scorer = build_reward(recipe.reward, device, algorithm=recipe.algorithm.name)
-    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs loaded: a bad input writes nothing
+    run = InprocessRun(recipe, resume=resume, force=force)  # only once the inputs loaded: a bad input writes nothing
+    out_dir = run.out_dir
     (out_dir / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2))
     params = policy.trainable_parameters()
     n_params = sum(p.numel() for p in params)
@@ -101,14 +107,17 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
           f"{t.batch_size} images",
           flush=True)
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    named = [(n, p) for n, p in policy.unet.named_parameters() if p.requires_grad]
+    start, prior_rows = run.restore(named, opt)
 
     before = evaluate_before_after(recipe, policy, scorer, prompts, reference=True)
-    samples = SampleLog(out_dir / "samples.parquet")
+    samples = SampleLog(out_dir / "samples.parquet", append=bool(start))
     samples.add(0, before["prompts"], before["seeds"], before["images"],
                 score_images(scorer, before["images"], before["prompts"]), {}, None)
     log = MetricsLog(out_dir, t.steps, recipe.logging.log_every,
                      recipe.logging.wandb_project if recipe.logging.wandb else None,
                      recipe.logging.tensorboard, recipe.name, recipe.to_dict())
+    log.rows = prior_rows  # a resume continues the checkpoint's rows (later ones are written again)
     kwargs = step_kwargs(recipe, device)
     step_fn, reward_fn = rocm_step, local_reward_fn(scorer, "rocm")
     if recipe.algorithm.name == "ppo":  # RLCM-style PPO: inner updates stepped through the same optimizer
@@ -116,7 +125,7 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
         kwargs["optimizer_step"] = torch_optimizer_step(opt, params, t.max_grad_norm)
     guard = NonFiniteGuard(t.max_nonfinite_steps)
     t_start = time.perf_counter()
-    for step in range(1, t.steps + 1):
+    for step in range(start + 1, t.steps + 1):
         t0 = time.perf_counter()
         ps, seeds = step_batch(prompts, t.batch_size, step, t.seed, group=group_of(recipe))
         opt.zero_grad(set_to_none=True)
@@ -136,10 +145,12 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
             continue
         opt.step()
         guard.ok()
-        row = guard.annotate(metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size, t.lr), False)
+        row = guard.annotate(metrics_row(step, res, float(gn), time.perf_counter() - t0, t.batch_size,
+                                         opt.param_groups[0]["lr"]), False)
         if evaluate is not None:
             row.update(evaluate(step, policy))
         log.log(row)
+        run.after_step(step, named, opt, log.rows)
         if on_step is not None:
             on_step(row)
         every = recipe.logging.sample_every
@@ -147,7 +158,10 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
             samples.add(step, ps, seeds, res.images, res.rewards, res.components, res.sample_divergences)
     wall = time.perf_counter() - t_start
     log.close()
-    return finish_run(recipe, out_dir, policy, scorer, prompts, before, log.rows, samples, wall)
+    res = finish_run(recipe, out_dir, policy, scorer, prompts, before, log.rows, samples, wall,
+                     images_trained=(t.steps - start) * t.batch_size)
+    run.stage.commit()
+    return res
 
 
 def finish_run(recipe: Recipe, out_dir: Path, policy, scorer, prompts: list[str], before: dict,

@@ -190,23 +190,17 @@ def stop_on_nonfinite(guard: NonFiniteGuard, step: int, reason: str, engine: Any
     return True
 
 
-def raise_if_stopped(result: Any, out_dir: Any, total_steps: int) -> None:
-    """Ray driver: if the workers stopped on non-finite steps, write ``metrics.csv`` (with the skipped rows)
-    and raise the :class:`NonFiniteError`, naming the checkpoint that holds the last good state."""
+def raise_if_stopped(result: Any) -> None:
+    """Ray driver: if the workers stopped on non-finite steps, raise the :class:`NonFiniteError` naming the
+    checkpoint that holds the last good state (rank 0 wrote every row, the skipped ones too, to
+    ``metrics.csv`` as it went)."""
     if not (result.metrics or {}).get(STOP_METRIC) or result.checkpoint is None:
         return
-    from pathlib import Path
-
-    from rocm_ray.train.outputs import MetricsLog
     from rocm_ray.train.ray_worker import read_state
 
     with result.checkpoint.as_directory() as d:
         state = read_state(d) or {}
     stop = state.get(STOP_STATE_KEY) or {"message": "non-finite steps ({saved})", "rows": []}
-    log = MetricsLog(Path(out_dir), total_steps, 10**9)
-    for row in [*state.get("metrics", []), *stop["rows"]]:
-        log.log(row)
-    log.close()
     raise NonFiniteError(stop["message"].replace("{saved}", f"{result.checkpoint.path} (--resume continues from it)"))
 
 

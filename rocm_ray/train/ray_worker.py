@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rocm_ray.train.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_dir_name, is_complete_dir
 from rocm_ray.train.nonfinite import (
     InjectedReward,
     NonFiniteGuard,
@@ -43,23 +44,17 @@ from rocm_ray.train.nonfinite import (
 from rocm_ray.train.ppo_step import group_of
 from rocm_ray.train.step import NonFiniteError, shard, step_batch
 
-STATE_FILE = "state.json"
-WEIGHTS_FILE = "trainable.safetensors"
 SAMPLES_FILE = "samples.pt"
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_{step:06d}"
+__all__ = ["STATE_FILE", "WEIGHTS_FILE", "SAMPLES_FILE", "checkpoint_dir_name", "read_state", "train_loop_per_worker"]
 
 
 def read_state(directory: str | Path) -> dict | None:
-    """``state.json`` of a checkpoint folder, or None if it is not a complete checkpoint."""
-    p = Path(directory) / STATE_FILE
-    if not p.is_file():
-        return None
+    """``state.json`` of a checkpoint folder (a local path or a URI), or None if it has none."""
+    from rocm_ray.train.storage import RunStorage
+
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(RunStorage(str(directory)).read_text(STATE_FILE))
+    except (OSError, FileNotFoundError, json.JSONDecodeError):
         return None
 
 
@@ -118,31 +113,47 @@ def _pick_checkpoint(config: dict, stack: contextlib.ExitStack) -> Path | None:
     import ray.train
 
     best_step, best = -1, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        d = Path(stack.enter_context(ckpt.as_directory()))
-        state = read_state(d)
-        if state is not None:
-            best_step, best = int(state["step"]), d
     resume_from = config.get("resume_from")
-    if resume_from:
-        state = read_state(resume_from)
+    candidates = [ray.train.get_checkpoint()]
+    if resume_from:  # a URI or a path the driver checked complete and Ray-registered
+        candidates.append(ray.train.Checkpoint(resume_from))
+    for ckpt in candidates:
+        if ckpt is None:
+            continue
+        d = Path(stack.enter_context(ckpt.as_directory()))
+        state = is_complete_dir(d)  # every rank's manifest and files present
         if state is not None and int(state["step"]) > best_step:
-            best = Path(resume_from)
+            best_step, best = int(state["step"]), d
     return best
 
 
-def _restore(engine, ckpt_dir: Path, rank: int, world: int, stage: int) -> tuple:
+def _restore(engine, ckpt_dir: Path, rank: int, world: int, stage: int, recipe) -> tuple:
     """Load a checkpoint into ``engine`` and this rank's RNGs; returns (step, rows, samples, timing)."""
     from rocm_ray.train.ds_engine import load_engine
 
     state = read_state(ckpt_dir)
-    if state["world_size"] != world or state["zero_stage"] != stage:
-        raise ValueError(
-            f"cannot resume from {ckpt_dir}: it was written by {state['world_size']} worker(s) at ZeRO "
-            f"stage {state['zero_stage']}, this run has {world} at stage {stage}; resume with the same "
-            "train.num_workers and train.zero_stage (or start afresh without --resume)")
-    load_engine(engine, ckpt_dir)
+    if state["world_size"] == world and state["zero_stage"] == stage:
+        load_engine(engine, ckpt_dir)  # exact: DeepSpeed's own shards
+    else:  # elastic: the whole weights and AdamW moments, re-partitioned for this world size / stage
+        from safetensors.torch import load_file
+
+        from rocm_ray.train.checkpoint import OPTIMIZER_FILE, set_full_state
+
+        if stage == 3 or state["zero_stage"] == 3 or not (ckpt_dir / OPTIMIZER_FILE).is_file():
+            raise ValueError(
+                f"cannot resume from {ckpt_dir}: it was written by {state['world_size']} worker(s) at ZeRO "
+                f"stage {state['zero_stage']}, this run has {world} at stage {stage}; changing "
+                "train.num_workers / train.zero_stage on resume works for ZeRO 0-2, not ZeRO-3: resume with "
+                "the same train.num_workers and train.zero_stage")
+        named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        set_full_state(named, engine.optimizer, stage, load_file(str(ckpt_dir / WEIGHTS_FILE)),
+                       load_file(str(ckpt_dir / OPTIMIZER_FILE)), int(state.get("optimizer_steps", state["step"])))
+        if rank == 0:
+            print(f"rocm-ray: elastic resume: {state['world_size']} worker(s) ZeRO {state['zero_stage']} -> "
+                  f"{world} worker(s) ZeRO {stage}", flush=True)
+    from rocm_ray.train.checkpoint import apply_hyperparameters
+
+    apply_hyperparameters(engine.optimizer, recipe)  # the recipe's lr / betas / weight decay, not the checkpoint's
     rng_file = ckpt_dir / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
         load_rng_state(rng_file)
@@ -215,33 +226,53 @@ def train_loop_per_worker(config: dict) -> None:
     with contextlib.ExitStack() as stack:
         ckpt_dir = _pick_checkpoint(config, stack)
         if ckpt_dir is not None:
-            start, rows, samples, timing = _restore(engine, ckpt_dir, rank, world, stage)
+            start, rows, samples, timing = _restore(engine, ckpt_dir, rank, world, stage, recipe)
     if ckpt_dir is None and rank == 0:
         n = sum(p.numel() for p in policy.trainable_parameters())
         print(f"rocm-ray[ray]: {recipe.name}: {world} worker(s), ZeRO {stage}, {n:,} trainable parameters, "
               f"{t.steps} steps x {t.batch_size} images ({t.batch_size // world} per worker)", flush=True)
+    live = _live_metrics(config, start) if rank == 0 else None  # metrics.csv / TensorBoard / W&B, per step
+    hooks = config.get("test_hooks") or {}
     if rank == 0:
         print(f"rocm-ray[ray]: worker start-up {time.perf_counter() - t_enter:.1f} s (imports "
               f"{t_imports - t_enter:.1f} s, policy {t_policy - t_imports:.1f} s, DeepSpeed "
               f"{t_engine - t_policy:.1f} s)", flush=True)
 
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+
     def save_and_report(step: int, metrics: dict, state_update: dict | None = None) -> None:
         from ray.train import Checkpoint
         from safetensors.torch import save_file
+
+        from rocm_ray.train.checkpoint import (
+            OPTIMIZER_FILE,
+            checkpoint_state,
+            full_optimizer_state,
+            optimizer_step_count,
+            write_manifest,
+        )
 
         with tempfile.TemporaryDirectory(prefix="rocm_ray_ckpt_") as tmp:
             d = Path(tmp)
             save_engine(engine, d)
             weights = trainable_state_dict(engine)  # collective under ZeRO-3
+            moments = full_optimizer_state(named, engine.optimizer, stage)  # collective under ZeRO 1-2
             save_rng_state(d / f"rng_rank{rank}.safetensors")
             if rank == 0:
                 save_file(weights, str(d / WEIGHTS_FILE))
+                if moments:
+                    save_file(moments, str(d / OPTIMIZER_FILE))
                 torch.save(samples, d / SAMPLES_FILE)
-                state = {"step": step, "world_size": world, "zero_stage": stage, "name": recipe.name,
-                         "worker_nodes": nodes, "metrics": rows, "timing": timing, **(state_update or {})}
+                state = checkpoint_state(recipe, step, world, stage, rows, optimizer_step_count(engine.optimizer),
+                                         worker_nodes=nodes, timing=timing, attempt_start=start)
+                state.update(state_update or {})
                 (d / STATE_FILE).write_text(json.dumps(state))
+            write_manifest(d, rank)  # this rank's files: a checkpoint missing any of them is never resumed
+            stall = hooks.get("stall_save")  # test hook [rank, step, seconds]: this rank uploads late
+            upload = _slow_upload(recipe.name, config["location"], stall[2]) \
+                if stall and stall[0] == rank and stall[1] == step else None
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_dir_name(step))
+                             checkpoint_dir_name=checkpoint_dir_name(step), checkpoint_upload_fn=upload)
 
     guard = NonFiniteGuard.from_rows(t.max_nonfinite_steps, rows)
     agree = all_ranks_agree(device, world)
@@ -254,6 +285,7 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(start + 1, t.steps + 1):
         if fail_at is not None and step == fail_at and start == 0:
             raise RuntimeError(f"injected failure at step {step} (test hook fail_at_step)")
+
         t0 = time.perf_counter()
         current[0] = step
         clock.times = type(clock.times)()
@@ -283,14 +315,18 @@ def train_loop_per_worker(config: dict) -> None:
                                      "train.micro_batch_size or with train.zero_stage=0")
             engine.micro_steps = micro_steps  # stage 0: the gradients are zeroed below (stop_on_nonfinite)
         if skip is not None or not math.isfinite(gn):  # skipped on every rank: weights and optimizer unchanged
-            if stop_on_nonfinite(guard, step, skip or f"the gradient norm is {gn}", engine, rows, timing, t0,
-                                 skipped_row(step, rows[-1] if rows else None, res, gn, time.perf_counter() - t0,
-                                             t.batch_size, t.lr), save_and_report, world,
-                                 step == t.steps or bool(every and step % every == 0)):
-                return
+            stopped = stop_on_nonfinite(guard, step, skip or f"the gradient norm is {gn}", engine, rows, timing, t0,
+                                        skipped_row(step, rows[-1] if rows else None, res, gn,
+                                                    time.perf_counter() - t0, t.batch_size, t.lr),
+                                        save_and_report, world, step == t.steps or bool(every and step % every == 0))
+            if live is not None:
+                live.log(rows[-1])  # the skipped step's row, live like the others
+            if stopped:
+                break
             continue
+        _maybe_kill(hooks, rank, step, config.get("location"))  # test hook: SIGKILL mid-step, once per run
         guard.ok()
-        local = metrics_row(step, res, gn, 1.0, t.batch_size, t.lr)  # this worker's shard
+        local = metrics_row(step, res, gn, 1.0, t.batch_size, engine.optimizer.param_groups[0]["lr"])  # my shard
         keys = [k for k in local if k not in ("step", "grad_norm", "images_per_s", "it_per_s", "lr")]
         t_comm = clock.now()
         means = _global_means([float(local[k]) for k in keys], device, world)
@@ -299,6 +335,8 @@ def train_loop_per_worker(config: dict) -> None:
         row = guard.annotate({**local, **dict(zip(keys, means, strict=True)), "images_per_s": t.batch_size / dt,
                               "it_per_s": 1.0 / dt}, skipped=False)
         rows.append(row)
+        if live is not None:
+            live.log(row)  # before the report: a crash after this step keeps its row
         if recipe.logging.sample_every and step % recipe.logging.sample_every == 0 and step != t.steps \
                 and rank == 0:
             samples.append({"step": step, "prompts": ps, "seeds": seeds, "images": res.images,
@@ -315,5 +353,54 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             ray.train.report(metrics)
         timing[-1]["total_s"] = time.perf_counter() - t0  # with the report (and checkpoint)
+    if live is not None:
+        live.close()
     if start >= t.steps and rank == 0:
         print(f"rocm-ray: nothing to do, the checkpoint is already at step {start} of {t.steps}", flush=True)
+
+
+def _live_metrics(config: dict, start: int):
+    """Rank 0's :class:`LiveMetrics` at the run location (None when the driver gave none)."""
+    from rocm_ray.train.storage import LiveMetrics, RunStorage
+
+    recipe, location = config["recipe"], config.get("location")
+    if not location:
+        return None
+    lg = recipe.logging
+    return LiveMetrics(RunStorage(location), resume_step=start, tensorboard=lg.tensorboard,
+                       wandb_project=lg.wandb_project if lg.wandb else None, run_name=recipe.name,
+                       config=recipe.to_dict())
+
+
+def _maybe_kill(hooks: dict, rank: int, step: int, location: str | None) -> None:
+    """Test hook ``kill_rank_at: [rank, step]``: that rank SIGKILLs its own process mid-step, once per run
+    (a marker at the run location remembers it across Ray Train's restart)."""
+    kill = hooks.get("kill_rank_at")
+    if not kill or kill[0] != rank or kill[1] != step or not location:
+        return
+    import os
+    import signal
+
+    from rocm_ray.train.storage import RunStorage
+
+    storage = RunStorage(location)
+    if storage.exists(".test_hooks/killed"):
+        return
+    storage.write_text(".test_hooks/killed", f"rank {rank} step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _slow_upload(name: str, location: str, seconds: float):
+    """Test hook ``stall_save``: a ``checkpoint_upload_fn`` that waits ``seconds`` before uploading this rank's
+    files (after Ray Train's barrier: the other ranks' files of the checkpoint are uploaded meanwhile)."""
+    import ray.train
+
+    from rocm_ray.train.storage import RunStorage
+
+    def upload(checkpoint, dir_name: str):
+        time.sleep(seconds)
+        storage = RunStorage(location)
+        storage.upload(checkpoint.path, f"ray/{name}/{dir_name}")
+        return ray.train.Checkpoint(storage.uri("ray", name, dir_name))
+
+    return upload
