@@ -455,7 +455,7 @@ def _validate(r: Recipe) -> None:
             raise RecipeError(src, "train.micro_batch_size", "micro-batches (overlap of sampling and remote "
                               "scoring) are for ROCM; PPO scores its whole rollout at once: remove the key")
     from rocm_ray.rewards import available_scorers, scorer_options  # lazy: imports torch
-    from rocm_ray.rewards.base import is_differentiable_name
+    from rocm_ray.rewards.base import differentiable_names, is_differentiable_name
 
     names = available_scorers()
     for i, m in enumerate(r.reward.models):
@@ -465,7 +465,7 @@ def _validate(r: Recipe) -> None:
             raise RecipeError(src, f"reward.models.{i}.name",
                               f"reward {m.name!r} is not differentiable and ROCM backpropagates through the "
                               "reward; train it with the policy-gradient baseline (algorithm.name: ppo) or "
-                              "choose a differentiable reward")
+                              f"choose a differentiable reward: {', '.join(differentiable_names())}")
         for opt in ("head_path", "tokenizer_path"):
             if getattr(m, opt) is not None and opt not in scorer_options(m.name):
                 raise RecipeError(src, f"reward.models.{i}.{opt}",

@@ -309,6 +309,11 @@ _DIFFERENTIABLE = ("clip_score", "pickscore", "hpsv2", "hpsv21", "imagereward", 
                    "toy_redness")
 
 
+def differentiable_names() -> tuple[str, ...]:
+    """The registered rewards that are differentiable in the images (ROCM can use them)."""
+    return _DIFFERENTIABLE
+
+
 def is_differentiable_name(name: str) -> bool:
     """Whether the registered reward ``name`` is differentiable in the images (without building it)."""
     return name in _DIFFERENTIABLE

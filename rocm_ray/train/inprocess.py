@@ -15,6 +15,7 @@ import torch
 from rocm_ray.config import Recipe, prompts_of
 from rocm_ray.evaluate import judge_accuracy, score_images
 from rocm_ray.models.policy import save_policy_weights
+from rocm_ray.rewards.gradient import score_with_grad
 from rocm_ray.train.builders import build_policy, build_reward, eval_grid_inputs, generate
 from rocm_ray.train.nonfinite import NonFiniteGuard, guarded_step, save_last_good, skipped_row
 from rocm_ray.train.outputs import MetricsLog, SampleLog, plot_curves, save_before_after, write_summary
@@ -119,7 +120,7 @@ def train_inprocess(recipe: Recipe, on_step: Callable[[dict], None] | None = Non
                      recipe.logging.tensorboard, recipe.name, recipe.to_dict())
     log.rows = prior_rows  # a resume continues the checkpoint's rows (later ones are written again)
     kwargs = step_kwargs(recipe, device)
-    step_fn, reward_fn = rocm_step, local_reward_fn(scorer, "rocm")
+    step_fn, reward_fn = rocm_step, lambda images, ps: score_with_grad(scorer, images, ps)  # noqa: E731
     if recipe.algorithm.name == "ppo":  # RLCM-style PPO: inner updates stepped through the same optimizer
         step_fn, reward_fn = ppo_step, local_reward_fn(scorer, "ppo")
         kwargs["optimizer_step"] = torch_optimizer_step(opt, params, t.max_grad_norm)
