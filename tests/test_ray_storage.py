@@ -43,7 +43,7 @@ COMMON = [f"name={RUN}", "train.checkpoint_every=2", "train.max_failures=1", "da
 
 
 def _free_ports(n: int) -> list[int]:
-    from test_ray_job import _free_ports as free  # the helpers of the other head-starting test
+    from rocm_ray.cluster import free_ports as free  # the project's own loopback port picker
 
     return free(n)
 
@@ -65,7 +65,7 @@ def cluster(s3_server):
     reason = _namespace_refused()
     if reason:
         pytest.skip(reason)
-    from test_ray_job import _stop_head
+    from rocm_ray.cluster import stop_processes as _stop_head  # stops exactly the processes of these marks
 
     head_tmp = tempfile.mkdtemp(prefix="rrst", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     worker_tmp = f"/tmp/rrsw{uuid.uuid4().hex[:8]}"  # exists only inside the worker node's namespace

@@ -35,7 +35,7 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=6, **local_ray_options())  # never a `ray start` head found
+        ray.init(num_cpus=6, **local_ray_options())  # address="local": never a `ray start` head found
     yield ray
     if started:
         stop_local_ray()
@@ -435,7 +435,7 @@ def test_cli_reports_a_reward_service_failure_without_a_traceback(monkeypatch, c
     from rocm_ray.cli import main
     from rocm_ray.rewards.service import RewardTimeoutError
 
-    def hung(recipe, resume=False):
+    def hung(recipe, resume=False, force=False):
         raise RewardTimeoutError("reward replica 0 (actor 0123, pid 42 on node abcd) did not answer within "
                                  "ray.reward_timeout_s=5 s")
 
