@@ -29,6 +29,7 @@ from paper_runs import (  # noqa: E402
     ROOT,
     cached_run,
     final,
+    finish_figure,
     first_reaching,
     machine_line,
     median,
@@ -119,19 +120,13 @@ def plot(groups: dict[str, list[dict]], targets: list[float], path: Path, step_s
             xs, ys = curve_median(runs, "reward_queries")
             xs = [x * scale for x in xs]  # queries, or steps x the interleaved median s/step
             ax.plot(xs, ys, style, ms=3, lw=2 if style == "-o" else 1, color=f"C{i % 10}", label=label)
-    for ax, xl in zip(axes, ("reward queries (training images scored)",
-                             "training seconds (steps x interleaved median s/step)"),
-                      strict=True):
+    for ax in axes:
         for target in targets:
             ax.axhline(target, color="0.4", ls=":", lw=1)
-        ax.set_xlabel(xl)
-        ax.set_ylabel("eval reward (fixed prompts x seeds)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("embedded tiny world: eval reward vs reward queries and wall-clock (median over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    finish_figure(fig, axes, ("reward queries (training images scored)",
+                              "training seconds (steps x interleaved median s/step)"),
+                  ("eval reward (fixed prompts x seeds)",) * 2,
+                  "embedded tiny world: eval reward vs reward queries and wall-clock (median over seeds)", path, 7)
 
 
 def target_table(rows: list[dict], target: float) -> str:

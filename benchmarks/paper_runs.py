@@ -129,3 +129,18 @@ def write_section(doc: Path, name: str, text: str) -> None:
         new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(new)
+
+
+def finish_figure(fig, axes, xlabels, ylabels, title: str, path: Path, legend_size: int = 8) -> None:
+    """Label, grid, legend (first axes), title and save a benchmark figure."""
+    import matplotlib.pyplot as plt
+
+    for ax, xl, yl in zip(axes, xlabels, ylabels, strict=True):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=legend_size)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

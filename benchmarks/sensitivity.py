@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_runs import ROOT, cached_run, final, machine_line, write_section  # noqa: E402
+from paper_runs import ROOT, cached_run, final, finish_figure, machine_line, write_section  # noqa: E402
 
 METHODS = {"ROCM + KL": [], "PPO (RLCM)": ["algorithm.name=ppo", "algorithm.regularizer=none", "algorithm.beta=0"]}
 
@@ -36,16 +36,10 @@ def plot(results: dict[str, list[tuple[float, dict]]], path: Path) -> None:
         lrs = [lr for lr, _ in pts]
         axes[0].plot(lrs, [r["eval_reward"] for _, r in pts], "-o", color=f"C{i}", label=label)
         axes[1].plot(lrs, [100 * (r.get("judge") or 0) for _, r in pts], "-o", color=f"C{i}", label=label)
-    for ax, yl in zip(axes, ("final eval reward", "final held-out judge accuracy (%)"), strict=True):
+    for ax in axes:
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel(yl)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("embedded tiny world: sensitivity to the learning rate", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    finish_figure(fig, axes, ("learning rate",) * 2, ("final eval reward", "final held-out judge accuracy (%)"),
+                  "embedded tiny world: sensitivity to the learning rate", path)
 
 
 def main(argv: list[str] | None = None) -> int:
