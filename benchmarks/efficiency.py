@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         best_lr[label] = best["lr"]
         groups[label] = [best] + [run([*base, f"train.lr={best['lr']}"], seed) for seed in range(1, args.seeds)]
     for reg in [r for r in args.regularizers.split(",") if r]:
-        groups[f"ROCM + {reg}"] = [run([f"algorithm.regularizer={reg}", f"train.lr={best_lr['ROCM + kl']}"])]
+        groups[f"ROCM + {reg}"] = [run([f"algorithm.regularizer={reg}", f"train.lr={best_lr['ROCM + kl']}"], seed)
+                                   for seed in range(args.seeds)]
 
     targets = [float(t) for t in str(args.target).split(",")]
     all_rows: dict[str, list[dict]] = {}
@@ -218,7 +219,7 @@ query ratios are resolved to that step only.
 Embedded tiny world (`recipes/tiny_kl.yaml`), {args.steps} steps of {args.batch} images, eval every
 {args.eval_every} steps on {10 * args.eval_seeds} fixed images (deterministic sampler for both methods).
 Learning-rate grids: ROCM + KL {args.rocm_lrs}, PPO {args.ppo_lrs} (seed 0), then the best lr with
-{args.seeds} seed(s); the other regularizers at ROCM + KL's best lr, 1 seed, shipped beta (1.0, sum).
+{args.seeds} seed(s); the other regularizers at ROCM + KL's best lr, {args.seeds} seed(s), shipped beta (1.0, sum).
 Best lr: the highest final eval reward among the runs whose judge accuracy stays >= 90%.
 Medians over seeds; "PPO / method" > 1 means the method needs fewer queries (seconds) than PPO.
 Seconds: steps to the target (first eval point at or above it) x the median seconds per training step,
