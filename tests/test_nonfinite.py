@@ -197,3 +197,26 @@ def test_ray_stop_is_not_retried_and_keeps_the_last_good_state(service, tmp_path
     rows = _read_csv(tmp_path / "metrics.csv")
     assert [int(float(r["skipped"])) for r in rows] == [0, 1, 1]
     assert not (tmp_path / "weights").exists()
+
+
+def test_a_later_micro_batch_failing_still_answers_the_other_ranks():
+    """With micro-batches, a rank whose second micro-batch is non-finite (after the first was backpropagated)
+    must still send its "no" to the agreement the other ranks wait in, or they would hang in the all-reduce."""
+    from rocm_ray.train.nonfinite import guarded_step
+    from rocm_ray.train.step import NonFiniteError
+
+    votes: list[bool] = []
+    backward_calls: list[float] = []
+
+    def agree(ok: bool) -> bool:  # this rank's side of the collective: record what it sends
+        votes.append(ok)
+        return ok
+
+    def two_micro_batches(bw):
+        bw(torch.tensor(1.0))  # micro-batch 1: finite, agreed and backpropagated
+        raise NonFiniteError("micro-batch 2: NaN reward")
+
+    res, skip = guarded_step(two_micro_batches, lambda t: backward_calls.append(float(t)), agree)
+    assert res is None and "micro-batch 2" in skip
+    assert votes == [True, False]  # one vote per micro-batch, the failing one included
+    assert backward_calls == [1.0]
