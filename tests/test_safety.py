@@ -42,7 +42,9 @@ ray.get(actor.pid.remote())
 socks = []
 for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
     try:
-        name = " ".join(p.cmdline())[:80] or p.name()
+        # named by process name + command line without directories (install paths can be long)
+        cmd = " ".join(p.cmdline()).strip()
+        name = f"{p.name()} {' '.join(w.rsplit('/', 1)[-1] for w in cmd.split())}"[:120]
         socks += [[p.pid, name, c.laddr.ip, c.laddr.port] for c in p.net_connections(kind="inet")
                   if c.status == psutil.CONN_LISTEN]
     except psutil.Error:
@@ -121,7 +123,7 @@ def test_project_local_ray_is_loopback_only_token_protected_and_leaves_home_alon
         table = []
         for _pid, name, ip, port in sockets:
             results = {ext: _probe(ext, port) for ext in _external_addresses()}
-            table.append((name.split("/")[-1][:40], ip, port, results))
+            table.append((name[:40], ip, port, results))
             assert ip.startswith(LOOPBACK), f"{name} listens on {ip}:{port}"
             for ext, res in results.items():  # from the external address, without the token
                 assert res.startswith(("refused", "unauthenticated", "http 401", "http 403")), (name, ext, res)
