@@ -33,11 +33,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "benchmarks" / "configs" / "dreamshaper_v7_unet.json"
 START, END = "<!-- memory:start -->", "<!-- memory:end -->"
+# glibc returns every freed block above 64 KiB to the system at once (no dynamic mmap threshold, no
+# heap high-water mark): the resident size then follows the live tensors, as a GPU allocator's peak
+# would, instead of what the heap kept from start-up. The same for every configuration.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """The process's resident size (VmRSS) or its peak so far (VmHWM), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -71,28 +76,48 @@ def worker(args) -> None:
     import deepspeed  # noqa: F401  (imported before the baseline)
 
     start = _rss_mib()
+    phases: list[tuple[str, float, float]] = []  # (after what, resident MiB, peak so far MiB)
+
+    def mark(name: str) -> None:
+        phases.append((name, _rss_mib(), _rss_mib("VmHWM")))
+
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_config(args.width))
     pipe = types.SimpleNamespace(unet=unet, vae=torch.nn.Identity(), text_encoder=torch.nn.Identity(),
                                  tokenizer=None, scheduler=None)
     policy = make_policy(pipe, lora_rank=8 if args.mode == "lora" else 0, lora_alpha=8.0)
     trainable = sum(p.numel() for p in policy.trainable_parameters())
+    mark("policy")
     cfg = deepspeed_config(1, args.stage, 1.0, {"zero_optimization": zero_config(args.stage, trainable)})
     engine = build_engine(policy.unet, 1e-5, (0.9, 0.999), 0.0, cfg)
+    mark("engine")
     ref_engine = partition_reference(policy, cfg)
+    mark("reference")
     g = torch.Generator().manual_seed(dist.get_rank())
     side, dim = args.latent, unet.config.cross_attention_dim
     for _ in range(2):
-        x = torch.randn(1, 4, side, side, generator=g).requires_grad_(True)  # [1, 4, h, w]
+        # a trajectory of --calls steps, as ROCM samples one: policy and reference at every x_n, the
+        # divergence and the reward backpropagated through all of them (x_T itself needs no gradient)
+        x = torch.randn(1, 4, side, side, generator=g)  # [1, 4, h, w]
         text = torch.randn(1, 77, dim, generator=g)  # [1, 77, E]
         w = torch.randn(1, unet.config.time_cond_proj_dim, generator=g)  # [1, 256]
-        eps = policy.eps_fn(engine)(x, 500, w, text)  # [1, 4, h, w]
-        ref = policy.ref_eps_fn()(x, 500, w, text)  # [1, 4, h, w]
-        engine.backward((eps - ref).pow(2).mean() + eps.mean())
+        div = x.new_zeros(())
+        for n in range(args.calls):
+            t = 999 - n * (1000 // args.calls)
+            eps = policy.eps_fn(engine)(x, t, w, text)  # [1, 4, h, w]
+            ref = policy.ref_eps_fn()(x, t, w, text)  # [1, 4, h, w]
+            div = div + (eps - ref).pow(2).mean()
+            x = x - 0.1 * eps
+        k = len([p for p in phases if p[0].startswith("step")]) + 1
+        mark(f"forward {k}")
+        engine.backward(div + x.mean())
         release_reference(ref_engine)
+        mark(f"backward {k}")
         engine.step()
+        mark(f"step {k}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    Path(args.out).write_text(json.dumps({"peak_mib": peak, "start_mib": start, "trainable": trainable}))
+    Path(args.out).write_text(json.dumps({"peak_mib": peak, "start_mib": start, "trainable": trainable,
+                                          "phases": phases}))
     dist.destroy_process_group()
 
 
@@ -108,10 +133,10 @@ def run_config(mode: str, stage: int, args, tmp: Path) -> dict:
     for rank in range(2):
         out = tmp / f"{mode}_{stage}_{rank}.json"
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **MALLOC_ENV,
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--stage", str(stage), "--width",
-               str(args.width), "--latent", str(args.latent), "--out", str(out)]
+               str(args.width), "--latent", str(args.latent), "--calls", str(args.calls), "--out", str(out)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         outs.append(out)
     for p in procs:
@@ -125,13 +150,15 @@ def run_config(mode: str, stage: int, args, tmp: Path) -> dict:
             raise RuntimeError(f"{mode} ZeRO {stage}: a worker failed:\n{err[-3000:]}")
     res = [json.loads(o.read_text()) for o in outs]
     return {"mode": mode, "stage": stage, "trainable": res[0]["trainable"],
-            "peak": max(r["peak_mib"] for r in res), "added": max(r["peak_mib"] - r["start_mib"] for r in res)}
+            "peak": max(r["peak_mib"] for r in res), "added": max(r["peak_mib"] - r["start_mib"] for r in res),
+            "phases": res[0]["phases"], "start": res[0]["start_mib"]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=float, default=0.2, help="channel width scale (1.0 = the real UNet)")
     ap.add_argument("--latent", type=int, default=16, help="latent side (64 = 512 px images)")
+    ap.add_argument("--calls", type=int, default=4, help="sampling steps per trajectory (UNet calls per step)")
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--modes", default="lora,full")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
@@ -154,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):  # stages of a mode back to back: their ratio is what counts
             for stage in stages:
                 rows.append(run_config(mode, stage, args, Path(tmp)))
-                print(f"{mode} ZeRO {stage}: peak {rows[-1]['peak']:.0f} MiB", flush=True)
+                r = rows[-1]
+                trace = ", ".join(f"{n} {rss - r['start']:.0f}/{hwm - r['start']:.0f}" for n, rss, hwm in r["phases"])
+                print(f"{mode} ZeRO {stage}: peak {r['peak']:.0f} MiB (rank 0 after each phase, MiB above "
+                      f"start, resident/peak: {trace})", flush=True)
     base = {r["mode"]: r["added"] for r in rows if r["stage"] == stages[0]}
     lines = [f"| mode | ZeRO stage | trainable parameters | peak RSS per worker (MiB) | added by the model and "
              f"training (MiB) | ratio to ZeRO {stages[0]} |", "|---|---|---|---|---|---|"]

@@ -234,15 +234,27 @@ def down(state_dir: str | Path | None = None) -> int:
     return n
 
 
-def ray_status(cluster: LocalCluster, timeout_s: float = 60.0) -> str:
-    """``ray status`` of the head (nodes, resources in use), with its token."""
+NOT_YET = "No cluster status"  # what `ray status` prints until the head's monitor has reported once
+
+
+def ray_status(cluster: LocalCluster, timeout_s: float = 60.0, settle_s: float = 30.0) -> str:
+    """``ray status`` of the head (nodes, resources in use), with its token.
+
+    Right after ``up`` the head's monitor may not have reported yet (``ray status`` then says "No cluster
+    status"): asked again once a second for at most ``settle_s`` seconds.
+    """
     env = {**head_env(Path(cluster.token_path)), "RAY_ADDRESS": cluster.gcs_address}
-    try:
-        out = subprocess.run([_ray_bin(), "status", f"--address={cluster.gcs_address}"], env=env,
-                             capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return f"(ray status did not answer within {timeout_s:.0f} s)"
-    return (out.stdout or out.stderr).strip()
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            out = subprocess.run([_ray_bin(), "status", f"--address={cluster.gcs_address}"], env=env,
+                                 capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return f"(ray status did not answer within {timeout_s:.0f} s)"
+        text = (out.stdout or out.stderr).strip()
+        if NOT_YET not in text or time.monotonic() >= deadline:
+            return text
+        time.sleep(1.0)
 
 
 def describe(cluster: LocalCluster) -> str:

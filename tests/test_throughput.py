@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -229,7 +230,7 @@ def test_micro_batches_accumulate_the_whole_shards_gradient(gloo):
     assert times.sampling > 0 and times.reference > 0 and times.reward_wait > 0 and times.backward > 0
 
 
-def _full_finetune_step(stage: int):
+def _full_finetune_step(stage: int, step: bool = True):
     from rocm_ray.rewards.service import LocalReward
     from rocm_ray.train.builders import build_policy
     from rocm_ray.train.ds_engine import build_engine, partition_reference, trainable_state_dict, worker_config
@@ -244,18 +245,110 @@ def _full_finetune_step(stage: int):
     cfg = worker_config(recipe, 1, policy, {"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     engine = build_engine(policy.unet, 1e-3, (0.9, 0.999), 0.0, cfg)
     ref_engine = partition_reference(policy, cfg)
+    if not step:  # the engine as built
+        return types.SimpleNamespace(engine=engine), None, policy, ref_engine
     ps, seeds = step_batch(["a 1", "a 7"], 2, 1, 0)
     res = micro_batch_step(policy, ps, seeds, LocalReward(recipe.reward), engine, None,
                            PhaseClock(torch.device("cpu")), ref_engine=ref_engine, **step_kwargs(recipe))
     engine.step()
     weights = torch.cat([v.flatten() for v in trainable_state_dict(engine).values()])  # [P]
+    res.engine = engine
     return res, weights, policy, ref_engine
+
+
+def test_zero3_checkpoint_round_trip_keeps_the_in_place_optimizer(gloo, tmp_path):
+    """Save after one step, load into a fresh engine: the optimizer still updates the parameter partitions
+    in place, its moments came back, and the next step gives the same weights as the uninterrupted one."""
+    from rocm_ray.train.ds_engine import load_engine, save_engine, trainable_state_dict
+
+    res, _, policy, _ = _full_finetune_step(3)
+    save_engine(res.engine, tmp_path)
+    fresh, _, _, _ = _full_finetune_step(3, step=False)  # no step taken: everything comes from the checkpoint
+    assert not fresh.engine.optimizer.optimizer.state
+    load_engine(fresh.engine, tmp_path)
+    for run in (res, fresh):
+        opt = run.engine.optimizer
+        assert all(m is p for m, p in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat,
+                                          strict=True))
+    moments, loaded = ([run.engine.optimizer.optimizer.state[m]["exp_avg"]
+                        for m in run.engine.optimizer.fp32_partitioned_groups_flat] for run in (res, fresh))
+    assert all(torch.equal(a, b) for a, b in zip(moments, loaded, strict=True)) and moments[0].abs().max() > 0
+    for run in (res, fresh):  # one more step on the same input
+        unet = run.engine.module
+        g = torch.Generator().manual_seed(1)
+        side = unet.config.sample_size
+        x = torch.randn(1, unet.config.in_channels, side, side, generator=g)  # [1, C, h, w]
+        text = torch.randn(1, 8, unet.config.cross_attention_dim, generator=g)  # [1, L, E]
+        w = (torch.randn(1, unet.config.time_cond_proj_dim, generator=g)
+             if unet.config.time_cond_proj_dim else None)
+        run.engine.backward(policy.eps_fn(run.engine)(x, 500, w, text).mean())
+        run.engine.step()
+    a = torch.cat([v.flatten() for v in trainable_state_dict(res.engine).values()])
+    b = torch.cat([v.flatten() for v in trainable_state_dict(fresh.engine).values()])
+    assert torch.equal(a, b)
+
+
+def _gathered_during_backward(per_call_release: bool) -> tuple[int, int]:
+    """(parameters gathered when the backward reaches the trajectory's first call, all parameters): a
+    3-call trajectory through the tiny UNet under ZeRO-3, every parameter partitioned."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from rocm_ray.train import ds_engine
+    from rocm_ray.train.builders import build_policy
+
+    recipe = load_recipe("recipes/tiny_ray.yaml", ["train.num_workers=1", "train.zero_stage=3",
+                                                   "model.lora_rank=0"])
+    torch.manual_seed(0)
+    policy = build_policy(recipe)
+    cfg = ds_engine.worker_config(recipe, 1, policy, {"zero_optimization": {"stage3_param_persistence_threshold": 0,
+                                                                             "stage3_prefetch_bucket_size": 0}})
+    release = ds_engine.release_after_every_backward
+    if not per_call_release:  # DeepSpeed's own bookkeeping, for comparison
+        ds_engine.release_after_every_backward = lambda engine: 0
+    try:
+        engine = ds_engine.build_engine(policy.unet, 1e-3, (0.9, 0.999), 0.0, cfg)
+    finally:
+        ds_engine.release_after_every_backward = release
+    unet = policy.unet
+    side = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, side, side)  # [1, C, h, w]
+    text = torch.randn(1, 8, unet.config.cross_attention_dim)  # [1, L, E]
+    w = torch.randn(1, unet.config.time_cond_proj_dim) if unet.config.time_cond_proj_dim else None
+    xs = []
+    for t in (999, 666, 333):
+        x = x - 0.1 * policy.eps_fn(engine)(x, t, w, text)
+        xs.append(x)
+    seen: list[int] = []
+
+    def count(grad):  # runs once the backward of calls 3 and 2 is done, before call 1's
+        seen.append(sum(p.ds_numel for p in unet.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE))
+        return grad
+
+    xs[0].register_hook(count)
+    engine.backward(x.mean())
+    return seen[0], sum(p.ds_numel for p in unet.parameters())
+
+
+def test_zero3_releases_every_module_after_each_calls_backward(gloo):
+    """A trajectory calls the UNet several times before one backward; DeepSpeed's per-module count only
+    knows the last call, so every module stayed gathered through the backward. With the per-call count
+    the modules of later calls are released before the backward reaches the first call."""
+    fixed, total = _gathered_during_backward(True)
+    stock, _ = _gathered_during_backward(False)
+    print(f"gathered at the first call's backward: {fixed:,} with per-call release, {stock:,} without "
+          f"(of {total:,})")
+    assert stock > 0.9 * total  # the behaviour the fix exists for (if DeepSpeed fixes it, drop the patch)
+    assert fixed < 0.1 * total
 
 
 def test_zero3_full_finetune_partitions_the_reference_too(gloo):
     res0, w0, _, none = _full_finetune_step(0)
     res3, w3, policy, ref_engine = _full_finetune_step(3)
     assert none is None and ref_engine is not None
+    opt = res3.engine.optimizer
+    # the optimizer updates the fp32 parameter partitions in place: no second (master) copy of them
+    assert all(m is p for m, p in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat,
+                                      strict=True))
     # every reference parameter is a ZeRO-3 partition (its local storage emptied), like the policy's
     assert all(hasattr(p, "ds_numel") and p.numel() == 0 for p in policy.ref_unet.parameters())
     assert abs(res3.loss.loss - res0.loss.loss) <= 1e-6
@@ -274,6 +367,7 @@ def test_zero_buffers_are_sized_from_the_trainable_parameters():
     z2 = zero_config(2, 5_000)
     assert z2["reduce_bucket_size"] == z2["allgather_bucket_size"] == 5_000
     assert zero_config(3, 5_000)["stage3_prefetch_bucket_size"] == 5_000
+    assert zero_config(3, 37_500_000)["sub_group_size"] == 37_500_000 // 8  # bounds the optimizer's temporaries
     assert zero_config(0, 5_000) == {"stage": 0}
 
 

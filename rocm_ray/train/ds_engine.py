@@ -86,8 +86,10 @@ def zero_config(stage: int, trainable: int) -> dict[str, Any]:
     if stage in (1, 2):
         cfg.update(reduce_bucket_size=b, allgather_bucket_size=b)
     if stage == 3:
+        # sub_group_size bounds the optimizer's flat working set: AdamW's temporaries and the flattened
+        # gradient of a sub-group (DeepSpeed's default, 1e9 elements, makes them half the model at 2 ranks)
         cfg.update(reduce_bucket_size=b, stage3_prefetch_bucket_size=b, stage3_max_live_parameters=b,
-                   stage3_max_reuse_distance=b)
+                   stage3_max_reuse_distance=b, sub_group_size=b)
     return cfg
 
 
@@ -128,7 +130,96 @@ def build_engine(unet: torch.nn.Module, lr: float, betas: tuple[float, float], w
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=unet, optimizer=opt, config=config,
                                            dist_init_required=False)
+    alias_zero3_master(engine)
+    release_after_every_backward(engine)
     return engine
+
+
+def release_after_every_backward(engine) -> int:
+    """ZeRO-3: release a module's gathered parameters after the backward of *each* call through it.
+
+    DeepSpeed 0.19 counts, per module, the inputs of its *last* forward call that need a gradient
+    (``ds_grads_remaining``, reset by every call) and releases the module's gathered parameters when that
+    count reaches 0 in the backward. A consistency trajectory calls the UNet (policy and reference) at every
+    sampling step before one backward: the backward of every call but the last gathers the module again
+    (the pre-backward fetch) and the count goes negative, so nothing is released and by the end of the
+    backward every module is whole on every rank (measured: ZeRO-3 full fine-tuning at 0.98x ZeRO-0's
+    peak with a 4-step trajectory). Here each call's inputs get their own count: the module is released
+    when the backward of that call has produced the gradients of all of them. Returns how many modules
+    were given the per-call count (0 when the engine is not ZeRO-3).
+    """
+    if zero_stage(engine) != 3:
+        return 0
+    opt = engine.optimizer
+    offload = getattr(opt, "parameter_offload", opt)  # the policy's optimizer, or a ZeRO-3 inference engine
+    n = 0
+    for module in engine.module.modules():
+        if "post_bwd_fn" in module.__dict__:
+            module.post_bwd_fn = _per_call_post_backward(module, offload)
+            n += 1
+    return n
+
+
+def _per_call_post_backward(module: torch.nn.Module, offload):
+    """The autograd function DeepSpeed's forward pre-hook applies to each input of ``module`` (see above)."""
+
+    class PostBackwardPerCall(torch.autograd.Function):
+        @staticmethod
+        def forward(tensor):
+            return tensor.detach()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            (tensor,) = inputs
+            ctx.pending = None
+            if not tensor.requires_grad:
+                return
+            if module.ds_grads_remaining == 0:  # DeepSpeed's pre-hook reset it: the first input of a new call
+                module.rocm_ray_call = [0]
+            module.ds_grads_remaining += 1
+            ctx.pending = module.rocm_ray_call
+            ctx.pending[0] += 1
+
+        @staticmethod
+        def backward(ctx, *grads):
+            if ctx.pending is not None:
+                ctx.pending[0] -= 1
+                if ctx.pending[0] == 0:  # this call's backward is complete
+                    offload.post_sub_module_backward_function(module)
+            return grads
+
+    return PostBackwardPerCall
+
+
+def alias_zero3_master(engine) -> int:
+    """ZeRO-3 with fp32 parameters: let the optimizer update the parameter partitions in place.
+
+    DeepSpeed 0.19 keeps a separate fp32 master copy of every parameter partition even when the partitions
+    are fp32 already (it compares the partition's ``torch.device`` with the device *name*, a string, so its
+    own "no second copy needed" branch never runs): half the model per rank at 2 ranks, for nothing.
+    Here each master becomes the parameter partition it copies (the state DeepSpeed's branch would have
+    built: ``fp32_partitioned_groups_flat[i] is fp16_partitioned_groups_flat[i]``), its optimizer state
+    moves with it, and the copy is freed. Returns the bytes freed on this rank (0 when nothing applies:
+    other stages, offload, NVMe swapping, or master weights in another dtype).
+    """
+    opt = engine.optimizer
+    if zero_stage(engine) != 3 or getattr(opt, "offload_optimizer", True) or getattr(opt, "swap_optimizer", True):
+        return 0
+    freed = 0
+    for i, (part, master) in enumerate(zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat,
+                                           strict=True)):
+        if part is None or master is part or part.dtype != master.dtype or part.device != master.device:
+            continue
+        if not torch.equal(part, master):  # never expected right after initialize: leave it as it is
+            continue
+        part.ds_id = master.ds_id
+        part.requires_grad = True  # as DeepSpeed marks its masters
+        state = opt.optimizer.state.pop(master, None)
+        if state is not None:
+            opt.optimizer.state[part] = state
+        opt.fp32_partitioned_groups_flat[i] = part
+        freed += master.numel() * master.element_size()
+    return freed
 
 
 def partition_reference(policy, config: dict[str, Any]):
@@ -150,6 +241,7 @@ def partition_reference(policy, config: dict[str, Any]):
     # release every gathered module after use (no reuse-distance caching: that would keep it whole)
     cfg["zero_optimization"] = {**cfg["zero_optimization"], "stage3_max_reuse_distance": 0}
     engine, _, _, _ = deepspeed.initialize(model=policy.ref_unet, config=cfg, dist_init_required=False)
+    release_after_every_backward(engine)
     return engine
 
 
