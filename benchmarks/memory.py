@@ -1,7 +1,7 @@
 """Peak memory per worker of ZeRO 0/1/2/3 x LoRA/full fine-tuning on the Dreamshaper-v7 UNet architecture.
 
-    python benchmarks/memory.py                                  # width 0.2, latent 16, 2 gloo workers
-    python benchmarks/memory.py --width 1.0 --modes lora         # the full-size UNet (LoRA fits in ~10 GiB)
+    python benchmarks/memory.py                                  # width 0.5, latent 8, 4-step trajectory
+    python benchmarks/memory.py --width 1.0 --modes lora         # the full-size UNet (LoRA: ~4 GiB per worker)
     python benchmarks/memory.py --width 0.1 --latent 8 --stages 3 --modes full --no-write   # the test
 
 The UNet is built from ``benchmarks/configs/dreamshaper_v7_unet.json`` (the UNet2DConditionModel config
@@ -11,11 +11,13 @@ norm groups). Each configuration runs in 2 fresh processes (a gloo group, one to
 do what a rocm_ray Ray worker does: ``make_policy`` (LoRA rank 8 on to_q/to_k/to_v/to_out.0, or full
 fine-tuning with the frozen reference copy), the DeepSpeed engine of ``rocm_ray.train.ds_engine``
 (buckets from the trainable parameter count, ZeRO-3 partitioning the reference too), then two training
-steps on one latent of ``--latent`` x ``--latent``: the policy's and the reference's noise predictions
-at the same x (x requires grad, so the backward runs through the reference as ROCM's divergence does),
-``engine.backward`` and ``engine.step``. Reported per worker: the peak resident set size (getrusage),
-and that peak minus the resident size after imports and the process group (what the model, its
+steps, each a trajectory of ``--calls`` UNet calls on one latent of ``--latent`` x ``--latent`` as ROCM
+samples it: the policy's and the reference's noise predictions at every x_n, the divergence and a
+reward-like term backpropagated through the whole chain, ``engine.backward`` and ``engine.step``.
+Reported per worker: the peak resident set size (getrusage), and that peak minus the resident size
+after imports, the process group and a 6-parameter engine of the same stage (what the model, its
 gradients, optimizer state, buffers and activations added). Ratios are to ZeRO 0 of the same mode.
+``--trace`` prints each phase's resident and peak size (build, engine, reference, forward, backward, step).
 """
 
 from __future__ import annotations
@@ -73,7 +75,10 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    import deepspeed  # noqa: F401  (imported before the baseline)
+    # code, not tensors: the modules DeepSpeed loads on a stage's first use (ZeRO 1/2 pull in torch._inductor
+    # and networkx, ~50 MB of host memory that a GPU's memory would not see) are loaded before the baseline
+    # by a 6-parameter engine of the same stage, in every configuration
+    build_engine(torch.nn.Linear(2, 2), 1e-5, (0.9, 0.999), 0.0, deepspeed_config(1, args.stage, 1.0))
 
     start = _rss_mib()
     phases: list[tuple[str, float, float]] = []  # (after what, resident MiB, peak so far MiB)
@@ -156,12 +161,13 @@ def run_config(mode: str, stage: int, args, tmp: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--width", type=float, default=0.2, help="channel width scale (1.0 = the real UNet)")
-    ap.add_argument("--latent", type=int, default=16, help="latent side (64 = 512 px images)")
+    ap.add_argument("--width", type=float, default=0.5, help="channel width scale (1.0 = the real UNet)")
+    ap.add_argument("--latent", type=int, default=8, help="latent side (64 = 512 px images)")
     ap.add_argument("--calls", type=int, default=4, help="sampling steps per trajectory (UNet calls per step)")
     ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--modes", default="lora,full")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    ap.add_argument("--trace", action="store_true", help="print every phase's resident/peak size")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
@@ -183,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(run_config(mode, stage, args, Path(tmp)))
                 r = rows[-1]
                 trace = ", ".join(f"{n} {rss - r['start']:.0f}/{hwm - r['start']:.0f}" for n, rss, hwm in r["phases"])
-                print(f"{mode} ZeRO {stage}: peak {r['peak']:.0f} MiB (rank 0 after each phase, MiB above "
-                      f"start, resident/peak: {trace})", flush=True)
+                print(f"{mode} ZeRO {stage}: peak {r['peak']:.0f} MiB" + (
+                    f" (rank 0 after each phase, MiB above start, resident/peak: {trace})" if args.trace else ""),
+                    flush=True)
     base = {r["mode"]: r["added"] for r in rows if r["stage"] == stages[0]}
     lines = [f"| mode | ZeRO stage | trainable parameters | peak RSS per worker (MiB) | added by the model and "
              f"training (MiB) | ratio to ZeRO {stages[0]} |", "|---|---|---|---|---|---|"]
@@ -200,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join([
         f"UNet: the Dreamshaper-v7 architecture at width {args.width:g} (block_out_channels "
         f"{cfg['block_out_channels']}, {n / 1e6:.1f}M parameters; the real model is width 1, 859.6M), random "
-        f"weights; latent {args.latent} x {args.latent}, batch 1 per worker, 2 gloo workers on CPU, one torch "
-        "thread each, fp32, AdamW.",
+        f"weights; latent {args.latent} x {args.latent}, batch 1 per worker, a trajectory of {args.calls} UNet "
+        "calls (policy and reference) per step, 2 gloo workers on CPU, one torch thread each, fp32, torch AdamW; "
+        "freed tensors returned to the system at once (glibc MALLOC_MMAP_THRESHOLD_=65536).",
         f"Machine: {machine()}; {versions()}.", "", *lines])
     print(text)
     if not args.no_write:

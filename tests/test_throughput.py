@@ -511,9 +511,9 @@ def test_ray_overhead_benchmark_runs(ray_local, capsys):
 
 def test_memory_benchmark_runs(capsys):
     assert _bench("memory").main(["--width", "0.1", "--latent", "8", "--stages", "3", "--modes", "full",
-                                  "--no-write"]) == 0
+                                  "--calls", "2", "--trace", "--no-write"]) == 0
     out = capsys.readouterr().out
-    assert "| full | 3 |" in out and "10,370,660" in out
+    assert "| full | 3 |" in out and "10,370,660" in out and "backward 2" in out
 
 
 def test_gpu_throughput_benchmark_runs_on_cpu_at_reduced_size(capsys):
