@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     reward = load_recipe(args.recipe).reward
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), **local_ray_options())
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), **local_ray_options())
     try:
         rows = [run_config(reward, int(w), int(r), args)
                 for w, r in (c.split("x") for c in args.configs.split(","))]
