@@ -95,6 +95,7 @@ def cluster(s3_server):
     for k, v in s3_server["env"].items():
         mp.setenv(k, v)
     marks = [head_tmp, worker_tmp, f"127.0.0.1:{gcs}"]
+    keep = tempfile.mkdtemp(prefix="rrkeep", dir="/var/tmp")  # mount points only, in the node's namespace
     try:
         h = subprocess.run(head, env=env, timeout=240, capture_output=True, text=True)
         if h.returncode:  # `ray start` waits only 30 s for its raylet; on a loaded machine it registers later
@@ -111,7 +112,7 @@ def cluster(s3_server):
         for _attempt in range(2):  # `ray start` waits only 30 s for its raylet: a loaded machine can miss that
             # the worker node: its own mount namespace, a private tmpfs over /tmp (the head's and pytest's files)
             p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                                f"mount -t tmpfs tmpfs /tmp && exec {worker}"], env=worker_env, timeout=240,
+                                _private_tmp(worker, keep)], env=worker_env, timeout=240,
                                capture_output=True, text=True)
             errors += p.stderr[-2000:]
             end = time.monotonic() + (60 if p.returncode else 180)
@@ -133,6 +134,26 @@ def cluster(s3_server):
         _stop_head(marks)
         del psutil
         shutil.rmtree(head_tmp, ignore_errors=True)
+        shutil.rmtree(keep, ignore_errors=True)
+
+
+def _private_tmp(command: str, keep: str) -> str:
+    """Shell line for the worker node's namespace: a private tmpfs over /tmp, then ``command``.
+
+    The code (this checkout, the Python of its venv) stays visible when it lives under /tmp itself (a clone
+    there): each such top folder is bind-mounted aside under ``keep`` first and back after the tmpfs, as
+    every node of a real cluster has the code installed. Nothing else of the host's /tmp is visible."""
+    tops = sorted({Path("/tmp", Path(p).resolve().relative_to("/tmp").parts[0]) for p in (REPO, sys.executable)
+                   if Path(p).resolve().is_relative_to("/tmp")} |
+                  {Path("/tmp", Path(p).relative_to("/tmp").parts[0]) for p in (REPO, sys.executable)
+                   if Path(p).is_relative_to("/tmp")})
+    steps = []
+    for i, top in enumerate(tops):
+        steps.append(f"mkdir -p {keep}/{i} && mount --bind {shlex.quote(str(top))} {keep}/{i}")
+    steps.append("mount -t tmpfs tmpfs /tmp")
+    for i, top in enumerate(tops):
+        steps.append(f"mkdir -p {shlex.quote(str(top))} && mount --bind {keep}/{i} {shlex.quote(str(top))}")
+    return " && ".join([*steps, f"exec {command}"])
 
 
 def test_node_local_storage_fails_fast(cluster, tmp_path):
