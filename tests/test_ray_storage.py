@@ -143,10 +143,8 @@ def _private_tmp(command: str, keep: str) -> str:
     The code (this checkout, the Python of its venv) stays visible when it lives under /tmp itself (a clone
     there): each such top folder is bind-mounted aside under ``keep`` first and back after the tmpfs, as
     every node of a real cluster has the code installed. Nothing else of the host's /tmp is visible."""
-    tops = sorted({Path("/tmp", Path(p).resolve().relative_to("/tmp").parts[0]) for p in (REPO, sys.executable)
-                   if Path(p).resolve().is_relative_to("/tmp")} |
-                  {Path("/tmp", Path(p).relative_to("/tmp").parts[0]) for p in (REPO, sys.executable)
-                   if Path(p).is_relative_to("/tmp")})
+    code = {q for p in (REPO, sys.executable) for q in (Path(p), Path(p).resolve())}
+    tops = sorted({Path("/tmp", p.relative_to("/tmp").parts[0]) for p in code if p.is_relative_to("/tmp")})
     steps = []
     for i, top in enumerate(tops):
         steps.append(f"mkdir -p {keep}/{i} && mount --bind {shlex.quote(str(top))} {keep}/{i}")
