@@ -88,6 +88,8 @@ class RewardModelConfig:
 class RewardConfig:
     models: list[RewardModelConfig] = _f(factory=list, help="the reward models, summed with their weights")
     scale: float = _f(1.0, gt=0, help="multiplies the reward in the loss")
+    dtype: Literal["auto", "float32", "bfloat16"] = _f(
+        "auto", help="reward models' weights and autocast: auto = bfloat16 on GPU, float32 on CPU")
 
 
 @dataclass
@@ -101,6 +103,8 @@ class AlgorithmConfig:
     guidance_scale: float = _f(8.0, ge=1.0, help="LCM guidance scale w (through the guidance embedding)")
     truncate_steps: int | None = _f(None, ge=1, help="backprop through the last K steps only (None = all)")
     gradient_checkpointing: bool = _f(False, help="checkpoint every UNet call")
+    block_checkpointing: bool = _f(False, help="checkpoint every block inside the UNet/transformer too (diffusers' "
+                                   "gradient checkpointing): a call's recompute holds one block's activations")
     name: Literal["rocm", "ppo"] = _f("rocm", help="rocm (reward backprop) or ppo (RLCM-style policy gradient, "
                                       "docs/ppo.md); ppo also takes non-differentiable rewards")
     ppo_group_size: int = _f(4, ge=2, help="ppo: samples per prompt in a batch (advantages normalized per prompt)")
@@ -116,6 +120,10 @@ class DataConfig:
     prompts_file: str | None = _f(None, help="text file, one prompt a line (added to prompts)")
     eval_prompts: list[str] = _f(factory=list, help="fixed prompts for the before/after grid and eval")
     eval_seeds: int = _f(4, ge=1, help="seeds per eval prompt")
+    height: int | None = _f(None, ge=8, help="image height in pixels (a multiple of the VAE factor); null = the "
+                            "model's native size")
+    width: int | None = _f(None, ge=8, help="image width in pixels (a multiple of the VAE factor); null = the "
+                           "model's native size")
 
 
 @dataclass
